@@ -1,0 +1,33 @@
+"""Activation data: shard format, synthetic generator and the Lightning DataModule."""
+
+from c2r.data.datamodule import (
+    ActivationDataModule,
+    BlockDataset,
+    BlockSampler,
+    ExistingShards,
+    ShardSource,
+)
+from c2r.data.shards import (
+    FORMAT_VERSION,
+    Manifest,
+    ShardEntry,
+    ShardWriter,
+    list_complete_shards,
+    verify,
+)
+from c2r.data.synthetic import SyntheticShards
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ActivationDataModule",
+    "BlockDataset",
+    "BlockSampler",
+    "ExistingShards",
+    "Manifest",
+    "ShardEntry",
+    "ShardSource",
+    "ShardWriter",
+    "SyntheticShards",
+    "list_complete_shards",
+    "verify",
+]

@@ -1,0 +1,225 @@
+"""Synthetic activations with known sparse features, written as ordinary shards.
+
+Each row is ``x = Σ_{i ∈ active} m_i · D_i + noise`` with ``D`` a fixed set of random unit directions
+(the ground-truth dictionary, saved as ``features.npy``), exactly ``l0`` active features per row drawn
+without replacement with probability ∝ firing weights, and magnitudes ``m ~ U(min, max)``. Because the
+truth is known, SAE training and metrics can be tested in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from c2r.data.shards import Manifest, ShardWriter
+
+# Bump when the generated numbers change for the same parameters, so old caches are not reused.
+GENERATOR_VERSION = 1
+FEATURES_FILE = "features.npy"
+
+
+def _derived_seed(*parts: int) -> int:
+    """A 64-bit seed from several integers, so e.g. (seed, shard) streams never overlap."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
+
+
+class SyntheticShards:
+    """Shard source for generated sparse-feature data, cached under ``cache_dir/synthetic/<hash>``.
+
+    The directory name is a hash of every parameter that changes the data, so different settings
+    never share a cache and identical settings never regenerate.
+    """
+
+    def __init__(
+        self,
+        *,
+        d: int = 64,
+        n_features: int = 256,
+        l0: int = 8,
+        rows: int = 131072,
+        rows_per_shard: int = 16384,
+        val_shards: int = 1,
+        zipf_exponent: float = 0.0,
+        magnitude_min: float = 0.5,
+        magnitude_max: float = 1.5,
+        noise_std: float = 0.0,
+        seed: int = 0,
+        cache_dir: str | Path,
+    ):
+        self.d = int(d)
+        self.n_features = int(n_features)
+        self.l0 = int(l0)
+        self.rows = int(rows)
+        self.rows_per_shard = int(rows_per_shard)
+        self.val_shards = int(val_shards)
+        self.zipf_exponent = float(zipf_exponent)
+        self.magnitude_min = float(magnitude_min)
+        self.magnitude_max = float(magnitude_max)
+        self.noise_std = float(noise_std)
+        self.seed = int(seed)
+        self.cache_dir = Path(cache_dir)
+        self._validate()
+        self._features: torch.Tensor | None = None
+
+    def _validate(self) -> None:
+        if self.d < 1 or self.n_features < 1:
+            raise ValueError(f"d and n_features must be >= 1, got d={self.d}, n_features={self.n_features}")
+        if not 1 <= self.l0 <= self.n_features:
+            raise ValueError(
+                f"l0 must be between 1 and n_features={self.n_features} (each row has exactly l0 "
+                f"distinct active features), got l0={self.l0}"
+            )
+        if self.rows_per_shard < 1 or self.val_shards < 0:
+            raise ValueError(
+                f"need rows_per_shard >= 1 and val_shards >= 0, got {self.rows_per_shard}, {self.val_shards}"
+            )
+        n_shards = -(-self.rows // self.rows_per_shard) if self.rows > 0 else 0
+        if n_shards <= self.val_shards:
+            raise ValueError(
+                f"rows={self.rows} make {n_shards} shard(s) of rows_per_shard={self.rows_per_shard}, "
+                f"not enough for {self.val_shards} validation shard(s) plus a training shard; use "
+                f"rows >= {(self.val_shards + 1) * self.rows_per_shard} or a smaller rows_per_shard"
+            )
+        if self.zipf_exponent < 0:
+            raise ValueError(f"zipf_exponent must be >= 0 (0 = uniform), got {self.zipf_exponent}")
+        if not 0 < self.magnitude_min <= self.magnitude_max:
+            raise ValueError(
+                "need 0 < magnitude_min <= magnitude_max (a zero magnitude would make an 'active' "
+                f"feature invisible), got {self.magnitude_min}, {self.magnitude_max}"
+            )
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+
+    # ---- identity ----------------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        """Every parameter that changes the generated data (recorded in the manifest's ``source``)."""
+        return {
+            "kind": "synthetic",
+            "generator_version": GENERATOR_VERSION,
+            "d": self.d,
+            "n_features": self.n_features,
+            "l0": self.l0,
+            "rows": self.rows,
+            "rows_per_shard": self.rows_per_shard,
+            "val_shards": self.val_shards,
+            "zipf_exponent": self.zipf_exponent,
+            "magnitude_min": self.magnitude_min,
+            "magnitude_max": self.magnitude_max,
+            "noise_std": self.noise_std,
+            "seed": self.seed,
+        }
+
+    @property
+    def shard_dir(self) -> Path:
+        key = json.dumps(self.params(), sort_keys=True).encode("utf-8")
+        return self.cache_dir / "synthetic" / hashlib.sha256(key).hexdigest()[:16]
+
+    # ---- generation --------------------------------------------------------------------------------
+    def features(self) -> torch.Tensor:
+        """The ground-truth dictionary ``[n_features, d]``: random unit-norm directions."""
+        if self._features is None:
+            self._features = self._make_features()
+        return self._features
+
+    def _make_features(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(_derived_seed(self.seed, 0))
+        directions = torch.randn(self.n_features, self.d, generator=gen, dtype=torch.float64)
+        return (directions / directions.norm(dim=1, keepdim=True)).float()
+
+    def firing_weights(self) -> torch.Tensor:
+        """Relative firing weights ``(i+1)^-zipf_exponent`` (all equal when the exponent is 0)."""
+        ranks = torch.arange(1, self.n_features + 1, dtype=torch.float64)
+        return ranks.pow(-self.zipf_exponent)
+
+    def sample_shard(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of shard ``index`` as ``(x [n, d], active [n, l0], magnitudes [n, l0])``.
+
+        Each shard has its own seeded stream, so any shard can be regenerated on its own.
+        """
+        n_shards = -(-self.rows // self.rows_per_shard)
+        if not 0 <= index < n_shards:
+            raise IndexError(f"shard index {index} out of range [0, {n_shards})")
+        n = min(self.rows_per_shard, self.rows - index * self.rows_per_shard)
+        gen = torch.Generator().manual_seed(_derived_seed(self.seed, 1, index))
+        active = self._sample_active(n, gen)
+        magnitudes = torch.empty(n, self.l0).uniform_(self.magnitude_min, self.magnitude_max, generator=gen)
+        x = torch.einsum("nl,nld->nd", magnitudes, self.features()[active])
+        if self.noise_std > 0:
+            x = x + self.noise_std * torch.randn(n, self.d, generator=gen)
+        return x, active, magnitudes
+
+    def _sample_active(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """``l0`` distinct feature indices per row, drawn ∝ firing weights without replacement.
+
+        Efraimidis–Spirakis: the ``l0`` largest keys ``u_i^(1/w_i)`` (``u`` uniform) form a weighted
+        sample without replacement; we rank ``log(u_i) / w_i``, which orders the same. With uniform
+        weights the keys are just ``u``. Done in row chunks so memory stays bounded for large
+        ``n_features``.
+        """
+        weights = self.firing_weights()
+        inv_w = None if self.zipf_exponent == 0 else (1.0 / (weights / weights.max())).float()
+        chunk = max(1, (1 << 22) // self.n_features)
+        out = []
+        for start in range(0, n, chunk):
+            keys = torch.rand(min(chunk, n - start), self.n_features, generator=gen)
+            if inv_w is not None:
+                keys = keys.clamp_(min=1e-30).log_().mul_(inv_w)
+            out.append(keys.topk(self.l0, dim=1).indices)
+        return torch.cat(out)
+
+    # ---- shard source protocol ---------------------------------------------------------------------
+    def ensure(self) -> Path:
+        """Generate the shards unless a complete copy is cached; return the shard directory.
+
+        Generation happens in a temporary sibling directory that is renamed into place at the end,
+        so concurrent or interrupted runs never expose a partial cache.
+        """
+        target = self.shard_dir
+        if (target / "manifest.json").is_file():
+            Manifest.load(target)
+            return target
+        if target.exists():  # no manifest: a damaged cache entry; it is cheap to rebuild
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            self._write(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "manifest.json").is_file():  # not a concurrent winner: a real error
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        Manifest.load(target)
+        return target
+
+    def _write(self, directory: Path) -> Manifest:
+        directory.mkdir(parents=True)
+        np.save(directory / FEATURES_FILE, self.features().numpy())
+        writer = ShardWriter(
+            directory,
+            d=self.d,
+            rows_per_shard=self.rows_per_shard,
+            dtype="float32",
+            seed=self.seed,
+            source=self.params(),
+            shuffle=False,  # rows are already independent; keeping order lets sample_shard reproduce them
+        )
+        for index in range(-(-self.rows // self.rows_per_shard)):
+            writer.add(self.sample_shard(index)[0].numpy())
+        return writer.finalize(val_shards=self.val_shards)
+
+    def __repr__(self) -> str:
+        hidden = ("kind", "generator_version")
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k not in hidden)
+        return f"SyntheticShards({args}, cache_dir={str(self.cache_dir)!r})"

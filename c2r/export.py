@@ -1,0 +1,98 @@
+"""The inference form of a trained SAE: SAELens/SAEBench-compatible files and ``load_sae``.
+
+Training works on normalised activations (E‖x‖² = 1); export folds the normalisation factor ``s`` into the
+weights so the exported SAE works on raw activations: with ``x_n = s·x``,
+``(x_n − b_dec) W_enc = (x − b_dec/s)(s·W_enc)`` and ``x̂ = (f W_dec + b_dec)/s``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from c2r.sae import SparseAutoencoder
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CONFIG_FILE = "cfg.json"
+
+
+def export_sae(
+    sae: SparseAutoencoder,
+    directory: str | Path,
+    *,
+    normalization_factor: float,
+    hook_name: str = "",
+    model_name: str = "",
+    extra_cfg: dict | None = None,
+) -> Path:
+    """Write ``sae_weights.safetensors`` + ``cfg.json`` (SAELens format) for raw activations."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    architecture, extra_tensors, extra_fields = sae.export_state()
+    s = float(normalization_factor)
+    tensors = {
+        "W_enc": sae.W_enc.detach().float() * s,
+        "b_enc": sae.b_enc.detach().float(),
+        "W_dec": sae.W_dec.detach().float() / s,
+        "b_dec": sae.b_dec.detach().float() / s,
+        **{name: t.detach().float() for name, t in extra_tensors.items()},
+    }
+    save_file({name: t.contiguous().cpu() for name, t in tensors.items()}, directory / WEIGHTS_FILE)
+    cfg = {
+        "architecture": architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.dict_size,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "hook_name": hook_name,
+        "model_name": model_name,
+        "c2r_training_architecture": sae.architecture,
+        "c2r_folded_normalization_factor": s,
+        **extra_fields,
+        **(extra_cfg or {}),
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    return directory
+
+
+class InferenceSAE(nn.Module):
+    """A trained SAE on raw activations: ``encode(x) -> f``, ``decode(f) -> x̂``, ``forward(x) -> x̂``."""
+
+    def __init__(self, cfg: dict, tensors: dict[str, Tensor]) -> None:
+        super().__init__()
+        if cfg["architecture"] not in ("topk", "jumprelu"):
+            raise ValueError(f"unsupported architecture {cfg['architecture']!r}; expected 'topk' or 'jumprelu'")
+        self.cfg = cfg
+        for name, tensor in tensors.items():
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre_acts = (x - self.b_dec) @ self.W_enc + self.b_enc
+        if self.cfg["architecture"] == "topk":
+            values, indices = pre_acts.topk(self.cfg["k"], dim=-1)
+            return torch.zeros_like(pre_acts).scatter(-1, indices, values.relu())
+        return pre_acts.relu() * (pre_acts > self.threshold)
+
+    def decode(self, acts: Tensor) -> Tensor:
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+
+def load_sae(path: str | Path) -> InferenceSAE:
+    """Load an exported SAE (a folder with ``cfg.json`` and ``sae_weights.safetensors``)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path} is not an exported SAE: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it "
+            "(a training run writes them to <run dir>/sae)"
+        )
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    return InferenceSAE(cfg, load_file(path / WEIGHTS_FILE))

@@ -1,0 +1,39 @@
+"""Logger factories referenced from conf/logger/*.yaml."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+import wandb
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+
+def wandb_credentials_available() -> bool:
+    """True when W&B can upload: an API key in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_logger(project: str, save_dir: str, name: str | None = None, **kwargs) -> WandbLogger:
+    """A W&B logger that runs offline (into ``save_dir``) when no credentials are set, instead of prompting for
+    a key or failing. A ``WANDB_MODE`` set in the environment (e.g. ``disabled``) always wins: Lightning's
+    ``offline=True`` would overwrite it."""
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    offline = "WANDB_MODE" not in os.environ and not wandb_credentials_available()
+    return WandbLogger(project=project, save_dir=save_dir, name=name or None, offline=offline, **kwargs)
+
+
+def finish_logging(logger: Logger, final_metrics: dict[str, float]) -> None:
+    """Close a job's logger; W&B also gets the final metrics as run summary and its run is finished, so the
+    next job of a multirun in this process starts a run of its own."""
+    if isinstance(logger, WandbLogger):
+        logger.experiment.summary.update({f"final/{name}": value for name, value in final_metrics.items()})
+    logger.finalize("success")
+    if isinstance(logger, WandbLogger):
+        wandb.finish()

@@ -1,0 +1,52 @@
+"""Reconstruction metrics accumulated as exact sums, so a value over many batches (and ranks) equals the value
+over their concatenation. Everything stays a tensor on the device: no host sync on the training path."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class ReconstructionStats:
+    """Running sums for MSE, L0 and the standard fraction of variance unexplained,
+    FVU = E‖x − x̂‖² / E‖x − E[x]‖² (explained variance = 1 − FVU).
+
+    The sums live in one float64 vector ``[rows, Σ‖x‖², Σ‖x − x̂‖², Σ L0, Σx (d entries)]`` so that a DDP
+    all-reduce of ``sums`` combines ranks exactly.
+    """
+
+    def __init__(self) -> None:
+        self.sums: Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, x: Tensor, recon: Tensor, acts: Tensor) -> None:
+        x, recon = x.double(), recon.double()
+        batch = torch.cat(
+            [
+                torch.stack(
+                    [
+                        torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+                        x.pow(2).sum(),
+                        (x - recon).pow(2).sum(),
+                        (acts != 0).sum().double(),
+                    ]
+                ),
+                x.sum(dim=0),
+            ]
+        )
+        self.sums = batch if self.sums is None else self.sums + batch
+
+    @staticmethod
+    def compute(sums: Tensor) -> dict[str, Tensor]:
+        """Metrics from ``sums`` (possibly summed over ranks)."""
+        rows, sum_sq_norm, sum_sq_error, sum_l0 = sums[:4]
+        total_variance = sum_sq_norm - sums[4:].pow(2).sum() / rows
+        fvu = sum_sq_error / total_variance
+        return {"mse": sum_sq_error / rows, "fvu": fvu, "explained_variance": 1 - fvu, "l0": sum_l0 / rows}
+
+
+def batch_metrics(x: Tensor, recon: Tensor, acts: Tensor) -> dict[str, Tensor]:
+    """The same metrics on one batch."""
+    stats = ReconstructionStats()
+    stats.update(x, recon, acts)
+    return ReconstructionStats.compute(stats.sums)

@@ -1,0 +1,128 @@
+"""The LightningModule: an SAE, its named loss terms and the regularizers, on batches of activation tensors.
+
+It knows nothing about language models or shards (that is the data side): a batch is a ``[B, d]`` tensor of
+normalised activations.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from c2r.metrics import ReconstructionStats, batch_metrics
+from c2r.regularizers import Regularizer
+from c2r.sae import SAEOutput, SparseAutoencoder
+
+
+# Validation sums are all-reduced by hand (exact FVU over all ranks), so Lightning's advice to sync is moot.
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+
+
+class SAEModule(L.LightningModule):
+    """Trains ``sae`` on ``Σ weight · loss`` over the SAE's own terms (MSE, AuxK, ...) and the regularizers.
+
+    Every term is logged raw as ``losses/<name>`` and weighted as ``losses/<name>_weighted``.
+    """
+
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        regularizers: Mapping[str, Regularizer] | None = None,
+        *,
+        lr: float = 4e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        decay_fraction: float = 0.2,
+        total_steps: int = 1000,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not 0 <= decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
+        self.sae = sae
+        self.regularizers = nn.ModuleDict(dict(regularizers or {}))
+        overlap = set(self.regularizers) & {"mse", "auxk"}
+        if overlap:
+            raise ValueError(f"regularizer names {sorted(overlap)} clash with the SAE's own loss terms")
+        self.lr = lr
+        self.betas = tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.decay_fraction = decay_fraction
+        self.total_steps = total_steps
+        self.val_stats = ReconstructionStats()
+        # Checkpointed with the weights (also the only progress a ddp_spawn run hands back to its parent).
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+
+    def loss_terms(self, x: Tensor, step: int) -> tuple[dict[str, tuple[Tensor, float]], SAEOutput]:
+        """All loss terms at ``step`` as ``name -> (raw, weight)``; scheduled regularizers appear only on the
+        steps where their weight is non-zero."""
+        out = self.sae(x)
+        terms = self.sae.losses(x, out)
+        for name, regularizer in self.regularizers.items():
+            weight = regularizer.weight(step)
+            if weight:
+                terms[name] = (regularizer(out.acts, self.sae.W_dec, step), weight)
+        return terms, out
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        terms, out = self.loss_terms(batch, self.global_step)
+        loss = sum(weight * value for value, weight in terms.values())
+        for name, (value, weight) in terms.items():
+            self.log(f"losses/{name}", value)
+            self.log(f"losses/{name}_weighted", weight * value)
+        self.log("losses/overall_loss", loss, prog_bar=True)
+
+        fired = (out.acts != 0).any(dim=0)
+        fired = self.trainer.strategy.reduce(fired.float(), reduce_op="sum") > 0
+        global_batch = batch.shape[0] * self.trainer.world_size
+        self.sae.update_firing(fired, global_batch)
+        self.tokens_seen += global_batch
+        self.log("details/n_training_tokens", self.tokens_seen.float())
+        dead = self.sae.dead_mask()
+        metrics = batch_metrics(batch, out.recon, out.acts)
+        self.log("metrics/l0", metrics["l0"], prog_bar=True)
+        self.log("metrics/explained_variance", metrics["explained_variance"], prog_bar=True)
+        self.log("sparsity/dead_features", dead.sum().float())
+        self.log("sparsity/dead_fraction", dead.float().mean())
+        self.log("details/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.sae.remove_parallel_gradient()
+
+    def on_train_batch_end(self, outputs, batch: Tensor, batch_idx: int) -> None:
+        self.sae.normalize_decoder()
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_stats = ReconstructionStats()
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        out = self.sae(batch)
+        self.val_stats.update(batch, out.recon, out.acts)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_stats.sums is None:
+            return
+        sums = self.trainer.strategy.reduce(self.val_stats.sums, reduce_op="sum")
+        for name, value in ReconstructionStats.compute(sums).items():
+            self.log(f"val/{name}", value.float(), sync_dist=False, rank_zero_only=False)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps``, constant, then linear decay to 0 over the last
+        ``decay_fraction`` of ``total_steps``."""
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        decay_steps = int(self.decay_fraction * self.total_steps)
+        if decay_steps == 0:
+            return warmup
+        remaining = self.total_steps - step
+        return warmup * min(1.0, max(0.0, remaining / decay_steps))

@@ -1,0 +1,6 @@
+"""Penalties on (latent activations, decoder rows) added to the SAE loss."""
+
+from .base import Regularizer
+from .c2r import C2R, c2r_loss
+
+__all__ = ["C2R", "Regularizer", "c2r_loss"]

@@ -1,0 +1,38 @@
+"""What every penalty on (latent activations, decoder rows) shares: a weight and a schedule."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Regularizer(nn.Module):
+    """A penalty added to the SAE loss as ``weight(step) * forward(acts, decoder_rows)``.
+
+    The schedule follows the paper: the term is computed only on steps ``t >= start_step`` with
+    ``(t - start_step) % interval == 0`` and multiplied by ``interval`` there, so its average strength over
+    many steps is ``coef`` while its cost is paid on one step in ``interval``. The weight is named ``coef``
+    (not ``lambda``) so that Hydra can pass it as a keyword argument.
+    """
+
+    def __init__(self, coef: float, start_step: int = 0, interval: int = 1) -> None:
+        super().__init__()
+        if coef < 0:
+            raise ValueError(f"regularizer coef must be >= 0, got {coef}; use coef=0 to switch the term off")
+        if interval < 1:
+            raise ValueError(f"regularizer interval must be >= 1 (1 = every step), got {interval}")
+        if start_step < 0:
+            raise ValueError(f"regularizer start_step must be >= 0, got {start_step}")
+        self.coef = float(coef)
+        self.start_step = int(start_step)
+        self.interval = int(interval)
+
+    def weight(self, step: int) -> float:
+        """The multiplier of the raw term at ``step``; 0.0 means: skip computing it."""
+        if self.coef == 0 or step < self.start_step or (step - self.start_step) % self.interval:
+            return 0.0
+        return self.coef * self.interval
+
+    def forward(self, acts: Tensor, decoder_rows: Tensor, step: int) -> Tensor:  # pragma: no cover
+        """The raw (unweighted) scalar penalty for post-sparsity ``acts [B, F]`` and ``decoder_rows [F, d]``."""
+        raise NotImplementedError

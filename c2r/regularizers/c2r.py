@@ -1,0 +1,255 @@
+"""C²R, Cross-sample Consistency Regularization (DESIGN.md §1).
+
+For post-sparsity activations ``f [B, F]`` and decoder rows ``W [F, d]``::
+
+    ŵ_i = W_i / ‖W_i‖,   n_i = ‖f[:, i]‖₂ (over the batch),
+    j(i) = argmax_{j≠i} ŵ_i·ŵ_j,   s_i = max(0, ŵ_i·ŵ_{j(i)})²,
+    L = (1/F) Σ_i s_i (n_i + n_{j(i)})^α.
+
+It is computed as one mechanism in two steps:
+
+1. a neighbour search without gradient that returns ``j`` as a LongTensor ``[F]``
+   (:func:`nearest_neighbors_exact`, :func:`nearest_neighbors_chunked`, dispatched by
+   :func:`find_neighbors`);
+2. :func:`pair_loss`, the differentiable loss on the gathered pairs ``(i, j(i))``, costing
+   O(F·d + B·F). Gradients reach ``f`` and both rows of each pair (through the normalisation); none
+   flow through the argmax.
+
+Convention for latents without a neighbour (F == 1, or a latent alone in its chunk): the search
+returns ``j(i) = i`` and :func:`pair_loss` sets ``s_i = 0`` wherever ``j(i) == i``, so such latents
+add 0 to the sum while still counting in the mean over F.
+
+Precision: the search and the loss run with autocast disabled in at least fp32 (bf16/fp16 inputs are
+upcast to fp32; fp64 inputs stay fp64), because a bf16 cosine matrix picks a different argmax for a
+sizeable share of rows. On CUDA, fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Regularizer
+
+NEIGHBOR_SEARCHES = ("exact", "chunked")
+"""Valid values of ``neighbor_search``; "chunked" is the paper's, "exact" the global argmax."""
+
+
+def _check_neighbor_search(neighbor_search: str) -> None:
+    if neighbor_search not in NEIGHBOR_SEARCHES:
+        raise ValueError(
+            f"unknown C2R neighbor_search {neighbor_search!r}; choose one of {', '.join(map(repr, NEIGHBOR_SEARCHES))}"
+        )
+
+
+def _check_alpha(alpha: float) -> None:
+    if not alpha > 0:
+        raise ValueError(f"C2R alpha must be > 0 (the exponent of n_i + n_j; the paper uses 1), got {alpha}")
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 2:
+        raise ValueError(
+            f"C2R chunk_size must be >= 2 (a latent alone in its chunk has no neighbour), got {chunk_size}; "
+            "the paper uses 8192"
+        )
+
+
+def _check_tile_size(tile_size: int) -> None:
+    if tile_size < 1:
+        raise ValueError(
+            f"C2R tile_size must be >= 1 (rows of the cosine matrix computed at once), got {tile_size}"
+        )
+
+
+def _full_precision(like: Tensor) -> contextlib.AbstractContextManager:
+    """Disable autocast on ``like``'s device, so matmuls run in the dtype we cast to."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Upcast half precisions to fp32; keep fp32 and fp64 as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _argmax_other(unit_rows: Tensor, tile_size: int) -> Tensor:
+    """Index of the most similar *other* row of each unit row, tiled over rows.
+
+    Each tile computes ``tile × F`` cosines against all rows, so one ``argmax`` sees the whole row and
+    returns its first maximum: ties go to the smallest index with no merging across tiles. With a
+    single row there is no other row; the self entry (-inf) is then the argmax, i.e. the sentinel ``i``.
+    """
+    count = unit_rows.shape[0]
+    neighbors = torch.empty(count, dtype=torch.long, device=unit_rows.device)
+    for start in range(0, count, tile_size):
+        cosines = unit_rows[start : start + tile_size] @ unit_rows.T
+        rows = torch.arange(cosines.shape[0], device=unit_rows.device)
+        cosines[rows, rows + start] = float("-inf")
+        neighbors[start : start + tile_size] = cosines.argmax(dim=1)
+    return neighbors
+
+
+@torch.no_grad()
+def nearest_neighbors_exact(decoder_rows: Tensor, *, tile_size: int = 4096) -> Tensor:
+    """``j(i) = argmax_{j≠i} cos(W_i, W_j)`` over all F rows (LongTensor ``[F]``).
+
+    Global search, computed ``tile_size`` rows at a time so memory stays O(tile_size·F) rather than
+    O(F²). Ties go to the smallest latent index; with F == 1 the sentinel ``j(0) = 0`` is returned.
+    """
+    _check_tile_size(tile_size)
+    with _full_precision(decoder_rows):
+        unit = F.normalize(_at_least_fp32(decoder_rows.detach()), dim=1)
+        return _argmax_other(unit, tile_size)
+
+
+@torch.no_grad()
+def nearest_neighbors_chunked(
+    decoder_rows: Tensor,
+    *,
+    chunk_size: int = 8192,
+    generator: torch.Generator | None = None,
+    tile_size: int = 4096,
+) -> Tensor:
+    """The paper's search: the neighbour of each latent among a random chunk of latents.
+
+    A fresh permutation of the F latents (``torch.randperm(F, generator=generator)``) is cut into
+    consecutive chunks of ``chunk_size`` (the last may be smaller) and each latent's neighbour is
+    searched only inside its chunk. Chunk members are sorted, so ties go to the smallest latent index as
+    in :func:`nearest_neighbors_exact`, which this equals when F <= chunk_size. A latent alone in its
+    chunk gets the sentinel ``j(i) = i`` (no neighbour). Pass the same generator state on every DDP rank.
+    """
+    _check_chunk_size(chunk_size)
+    _check_tile_size(tile_size)
+    count = decoder_rows.shape[0]
+    perm_device = generator.device if generator is not None else torch.device("cpu")
+    perm = torch.randperm(count, generator=generator, device=perm_device).to(decoder_rows.device)
+    with _full_precision(decoder_rows):
+        unit = F.normalize(_at_least_fp32(decoder_rows.detach()), dim=1)
+        neighbors = torch.empty(count, dtype=torch.long, device=decoder_rows.device)
+        for chunk in perm.split(chunk_size):
+            members = chunk.sort().values
+            neighbors[members] = members[_argmax_other(unit[members], tile_size)]
+    return neighbors
+
+
+def find_neighbors(
+    decoder_rows: Tensor,
+    neighbor_search: str = "exact",
+    *,
+    chunk_size: int = 8192,
+    generator: torch.Generator | None = None,
+    tile_size: int = 4096,
+) -> Tensor:
+    """Dispatch to the neighbour search named by ``neighbor_search`` (one of :data:`NEIGHBOR_SEARCHES`)."""
+    _check_neighbor_search(neighbor_search)
+    if neighbor_search == "chunked":
+        return nearest_neighbors_chunked(
+            decoder_rows, chunk_size=chunk_size, generator=generator, tile_size=tile_size
+        )
+    return nearest_neighbors_exact(decoder_rows, tile_size=tile_size)
+
+
+def pair_loss(acts: Tensor, decoder_rows: Tensor, neighbors: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """The differentiable C²R loss (scalar) for given neighbours ``j = neighbors`` (``[F]``, long).
+
+    Costs O(F·d + B·F): only the F pairs ``(i, j(i))`` are touched. Latents with ``j(i) == i`` have no
+    neighbour and add 0. Gradients stay finite for dead latents (all-zero columns, where ‖·‖ has no
+    derivative) and for ``n_i + n_j = 0`` with ``alpha < 1`` (where the power's derivative is infinite):
+    the power is taken only on positive bases and is 0 elsewhere.
+    """
+    _check_alpha(alpha)
+    with _full_precision(acts):
+        unit = F.normalize(_at_least_fp32(decoder_rows), dim=1)
+        cosines = (unit * unit[neighbors]).sum(dim=1)
+        has_neighbor = neighbors != torch.arange(neighbors.shape[0], device=neighbors.device)
+        similarity = torch.where(has_neighbor, cosines.clamp_min(0).square(), 0.0)
+
+        norms = _at_least_fp32(acts).norm(dim=0)
+        base = norms + norms[neighbors]
+        positive = base > 0
+        strength = torch.where(positive, torch.where(positive, base, 1.0).pow(alpha), 0.0)
+        return (similarity * strength).mean()
+
+
+def c2r_loss(
+    acts: Tensor,
+    decoder_rows: Tensor,
+    *,
+    alpha: float = 1.0,
+    neighbor_search: str = "exact",
+    chunk_size: int = 8192,
+    generator: torch.Generator | None = None,
+    tile_size: int = 4096,
+) -> Tensor:
+    """The C²R loss (scalar) of post-sparsity ``acts [B, F]`` and ``decoder_rows [F, d]``.
+
+    Finds each latent's neighbour without gradient (``neighbor_search``: "exact" = global argmax,
+    "chunked" = the paper's random chunks of ``chunk_size``, drawn with ``generator``), then returns
+    :func:`pair_loss` on those pairs. ``n_i`` is the norm over this batch only (see :class:`C2R` for
+    training use).
+    """
+    _check_alpha(alpha)
+    neighbors = find_neighbors(
+        decoder_rows, neighbor_search, chunk_size=chunk_size, generator=generator, tile_size=tile_size
+    )
+    return pair_loss(acts, decoder_rows, neighbors, alpha=alpha)
+
+
+class C2R(Regularizer):
+    """C²R as a scheduled :class:`Regularizer` (defaults: the paper's coef=5, alpha=1, interval=5).
+
+    With ``neighbor_search="chunked"`` the permutation at a step is drawn from a fresh generator seeded
+    from ``(seed, step)``, so every DDP rank draws the same chunks at the same step and a resumed run
+    repeats them.
+    """
+
+    def __init__(
+        self,
+        coef: float = 5.0,
+        alpha: float = 1.0,
+        interval: int = 5,
+        start_step: int = 0,
+        neighbor_search: str = "exact",
+        chunk_size: int = 8192,
+        tile_size: int = 4096,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(coef=coef, start_step=start_step, interval=interval)
+        _check_alpha(alpha)
+        _check_neighbor_search(neighbor_search)
+        _check_chunk_size(chunk_size)
+        _check_tile_size(tile_size)
+        self.alpha = float(alpha)
+        self.neighbor_search = neighbor_search
+        self.chunk_size = int(chunk_size)
+        self.tile_size = int(tile_size)
+        self.seed = int(seed)
+
+    def neighbors(self, decoder_rows: Tensor, step: int) -> Tensor:
+        """``j(i)`` for every latent at ``step`` (no gradient)."""
+        generator = None
+        if self.neighbor_search == "chunked":
+            # The CPU generator keeps only 32 bits of its seed: the odd multiplier keeps the steps of one
+            # run distinct and puts the permutations of runs with different seeds ~1e8+ steps apart.
+            generator = torch.Generator().manual_seed((self.seed * 0x9E3779B9 + step) % 2**32)
+        return find_neighbors(
+            decoder_rows,
+            self.neighbor_search,
+            chunk_size=self.chunk_size,
+            generator=generator,
+            tile_size=self.tile_size,
+        )
+
+    def forward(self, acts: Tensor, decoder_rows: Tensor, step: int) -> Tensor:
+        """The raw (unweighted) C²R loss of ``acts [B, F]`` and ``decoder_rows [F, d]`` at ``step``."""
+        return pair_loss(acts, decoder_rows, self.neighbors(decoder_rows, step), alpha=self.alpha)
+
+    def extra_repr(self) -> str:
+        return (
+            f"coef={self.coef}, alpha={self.alpha}, interval={self.interval}, start_step={self.start_step}, "
+            f"neighbor_search={self.neighbor_search!r}, chunk_size={self.chunk_size}, "
+            f"tile_size={self.tile_size}, seed={self.seed}"
+        )

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny training configs and an isolated shard cache and W&B."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+# A job small enough for 2 CPU cores: 32-d synthetic data from 64 features, 4 active per row.
+TINY_DATA = [
+    "data.d_in=32",
+    "data.source.n_features=64",
+    "data.source.l0=4",
+    "data.source.rows=4096",
+    "data.source.rows_per_shard=1024",
+]
+TINY_JOB = [
+    "model.k=4",
+    "dict_size=128",
+    "batch_size=128",
+    "train_tokens=2560",
+    "optim.warmup_steps=5",
+    "trainer.val_check_interval=10",
+    "trainer.log_every_n_steps=5",
+    "checkpoint_every=10",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+]
+TINY = TINY_DATA + TINY_JOB
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "c2r-cache"  # shared by the session: synthetic shards are reused
+    monkeypatch.setenv("C2R_CACHE_DIR", str(cache))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    return cache
+
+
+@pytest.fixture
+def compose_train(tmp_path):
+    """Compose the real ``train`` config with overrides, as ``python -m c2r.train`` would, and make it the
+    current Hydra config (run folder = a fresh tmp dir)."""
+
+    def _compose(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_module("c2r.conf", version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        run_dir = tmp_path / "run"
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            cfg.hydra.job.override_dirname = "test"
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_cli(module: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <args>`` as a user would, capturing its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

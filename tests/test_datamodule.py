@@ -1,0 +1,240 @@
+"""Block sampler, block dataset and the Lightning DataModule."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from c2r.data import (
+    ActivationDataModule,
+    BlockDataset,
+    BlockSampler,
+    ExistingShards,
+    Manifest,
+    ShardWriter,
+    SyntheticShards,
+)
+
+
+# ---- BlockSampler ---------------------------------------------------------------------------------
+
+
+def _ranks(num_blocks, epoch, seed=0, world=2, shuffle=True):
+    samplers = [
+        BlockSampler(num_blocks, seed=seed, shuffle=shuffle, rank=r, world_size=world) for r in range(world)
+    ]
+    for s in samplers:
+        s.set_epoch(epoch)
+    return [list(s) for s in samplers]
+
+
+def test_sampler_splits_disjoint_equal_and_deterministic():
+    a, b = _ranks(11, epoch=0)
+    assert len(a) == len(b) == 5 == len(BlockSampler(11, seed=0, world_size=2))
+    assert not set(a) & set(b)
+    assert set(a) | set(b) <= set(range(11))
+    assert _ranks(11, epoch=0) == [a, b]
+    assert _ranks(11, epoch=1) != [a, b]
+    assert _ranks(11, epoch=0, seed=1) != [a, b]
+
+
+def test_sampler_single_rank_is_a_permutation():
+    (order,) = _ranks(50, epoch=3, world=1)
+    assert sorted(order) == list(range(50)) and order != list(range(50))
+
+
+def test_sampler_without_shuffle():
+    assert _ranks(7, epoch=5, shuffle=False) == [[0, 2, 4], [1, 3, 5]]
+    assert _ranks(4, epoch=0, world=1, shuffle=False) == [[0, 1, 2, 3]]
+
+
+def test_sampler_too_few_blocks():
+    with pytest.raises(ValueError, match="3 block.*4 rank.*smaller batch_size"):
+        BlockSampler(3, seed=0, rank=0, world_size=4)
+
+
+# ---- BlockDataset ---------------------------------------------------------------------------------
+
+
+def _write_shards(directory, rows=(40, 40, 30), d=5, seed=0) -> Manifest:
+    writer = ShardWriter(directory, d=d, rows_per_shard=rows[0], source={}, shuffle=False)
+    rng = np.random.default_rng(seed)
+    writer.add(rng.normal(size=(sum(rows), d)).astype(np.float32))
+    return writer.finalize(val_shards=1)
+
+
+def test_block_dataset_slices(tmp_path):
+    manifest = _write_shards(tmp_path)
+    ds = BlockDataset(tmp_path, manifest.train_shards, block_rows=16, scale=0.5)
+    assert len(ds) == 4  # 40 // 16 = 2 blocks per shard; 8 rows of each shard unused
+    shard1 = np.load(tmp_path / "shard_00001.npy")
+    block = ds[3]
+    assert block.dtype == torch.float32 and block.shape == (16, 5)
+    torch.testing.assert_close(block, torch.from_numpy(shard1[16:32] * 0.5))
+    assert ds.location(3) == ("shard_00001.npy", 16)
+
+
+def test_block_dataset_reports_nonfinite_rows(tmp_path):
+    manifest = _write_shards(tmp_path)
+    path = tmp_path / "shard_00001.npy"
+    data = np.load(path)
+    data[20, 2] = np.nan
+    data[23, 0] = np.inf
+    np.save(path, data)
+    ds = BlockDataset(tmp_path, manifest.train_shards, block_rows=16, scale=1.0)
+    ds[0], ds[2]  # clean blocks still load
+    with pytest.raises(ValueError, match=r"shard_00001.npy at row\(s\) \[20, 23\].*verify"):
+        ds[3]
+
+
+def test_block_dataset_shard_smaller_than_block(tmp_path):
+    manifest = _write_shards(tmp_path)
+    with pytest.raises(ValueError, match="fewer rows than one block.*lower the batch size"):
+        BlockDataset(tmp_path, manifest.shards, block_rows=32, scale=1.0)  # the val shard has 30
+
+
+def test_block_dataset_pickles_without_memmaps(tmp_path):
+    import pickle
+
+    manifest = _write_shards(tmp_path)
+    ds = BlockDataset(tmp_path, manifest.train_shards, block_rows=8, scale=1.0)
+    ds[0]
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._memmaps == {}
+    torch.testing.assert_close(clone[1], ds[1])
+
+
+# ---- DataModule -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    return SyntheticShards(d=8, n_features=32, l0=3, rows=4 * 256, rows_per_shard=256, val_shards=1,
+                           seed=1, cache_dir=str(tmp_path))
+
+
+def _shard_rows(manifest: Manifest, entries) -> torch.Tensor:
+    rows = [np.load(manifest.path(e.file)) for e in entries]
+    return torch.from_numpy(np.concatenate(rows)) * manifest.normalization_factor
+
+
+def _as_set(rows: torch.Tensor) -> set:
+    return {tuple(r) for r in rows.numpy().round(5).tolist()}
+
+
+def test_datamodule_train_epoch_covers_each_block_once(synthetic):
+    dm = ActivationDataModule(synthetic, batch_size=64, seed=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.d_in == 8
+    loader = dm.train_dataloader()
+    assert len(loader) == 3 * 256 // 64
+    batches = list(loader)
+    assert all(b.shape == (64, 8) and b.dtype == torch.float32 for b in batches)
+    seen = torch.cat(batches)
+    expected = _shard_rows(dm.manifest, dm.manifest.train_shards)
+    assert _as_set(seen) == _as_set(expected) and len(_as_set(seen)) == len(expected)
+    # same seed and epoch -> same order; the next epoch reorders
+    again = list(dm.train_dataloader())
+    assert all(torch.equal(x, y) for x, y in zip(batches, again))
+    loader.sampler.set_epoch(1)
+    next_epoch = list(loader)
+    assert any(not torch.equal(x, y) for x, y in zip(batches, next_epoch))
+    assert _as_set(torch.cat(next_epoch)) == _as_set(seen)
+
+
+def test_datamodule_two_ranks(synthetic):
+    per_rank = []
+    for rank in range(2):
+        dm = ActivationDataModule(synthetic, batch_size=64, seed=3)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        dm.prepare_data()
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        assert len(batches) == 12 and all(b.shape == (32, 8) for b in batches)
+        per_rank.append(_as_set(torch.cat(batches)))
+    assert not per_rank[0] & per_rank[1]
+    assert len(per_rank[0] | per_rank[1]) == 3 * 256
+
+
+def test_datamodule_batch_not_divisible(synthetic):
+    dm = ActivationDataModule(synthetic, batch_size=63)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2)
+    dm.prepare_data()
+    with pytest.raises(ValueError, match="not divisible by the 2 ranks"):
+        dm.setup("fit")
+
+
+def test_datamodule_val_uses_val_shards_in_order(synthetic):
+    dm = ActivationDataModule(synthetic, batch_size=64)
+    dm.prepare_data()
+    dm.setup("validate")
+    assert dm.manifest.val_shards and dm.manifest.val_shards[0].file == "shard_00003.npy"
+    seen = torch.cat(list(dm.val_dataloader()))
+    torch.testing.assert_close(seen, _shard_rows(dm.manifest, dm.manifest.val_shards))
+
+
+def test_sample_rows_and_normalization(synthetic):
+    dm = ActivationDataModule(synthetic, batch_size=64)
+    rows = dm.sample_rows(300)  # spans two shards; works before setup
+    expected = _shard_rows(dm.manifest, dm.manifest.train_shards)[:300]
+    torch.testing.assert_close(rows, expected)
+    assert dm.normalization_factor == dm.manifest.normalization_factor
+    all_train = _shard_rows(dm.manifest, dm.manifest.train_shards).double()
+    assert all_train.pow(2).sum(1).mean().item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="sample_rows needs"):
+        dm.sample_rows(10_000)
+
+
+def test_existing_shards(tmp_path, synthetic):
+    source = ExistingShards(str(synthetic.ensure()))
+    assert source.ensure() == synthetic.shard_dir
+    dm = ActivationDataModule(source, batch_size=128)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 6
+    missing = ExistingShards(str(tmp_path / "not_there"))
+    with pytest.raises(FileNotFoundError, match="missing shard directory.*python -m c2r.harvest"):
+        missing.ensure()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="incomplete or not a shard directory.*data=synthetic"):
+        ActivationDataModule(ExistingShards(tmp_path / "empty"), batch_size=8).prepare_data()
+
+
+def test_datamodule_with_worker_processes(synthetic):
+    plain = ActivationDataModule(synthetic, batch_size=64, seed=3)
+    workers = ActivationDataModule(synthetic, batch_size=64, seed=3, num_workers=1)
+    for dm in (plain, workers):
+        dm.prepare_data()
+        dm.setup("fit")
+    expected = list(plain.train_dataloader())
+    got = list(workers.train_dataloader())
+    assert len(got) == len(expected) and all(torch.equal(x, y) for x, y in zip(got, expected))
+
+
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader`", "ignore:.*LeafSpec")
+def test_lightning_trainer_sets_the_epoch(synthetic):
+    import lightning as L
+
+    epochs = []
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 8)
+
+        def training_step(self, batch, batch_idx):
+            assert batch.shape == (64, 8)
+            epochs.append((self.current_epoch, self.trainer.train_dataloader.sampler.epoch))
+            return (self.layer(batch) - batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    trainer = L.Trainer(max_epochs=2, use_distributed_sampler=False, logger=False, limit_val_batches=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Probe(), datamodule=ActivationDataModule(synthetic, batch_size=64))
+    assert epochs == [(0, 0)] * 12 + [(1, 1)] * 12
