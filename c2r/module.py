@@ -69,6 +69,13 @@ class SAEModule(L.LightningModule):
                 terms[name] = (regularizer(out.acts, self.sae.W_dec, step), weight)
         return terms, out
 
+    def log_regularizer_metrics(self) -> None:
+        """What regularizers report about themselves (e.g. C²R's neighbour staleness), as
+        ``details/<name>/<metric>``."""
+        for name, regularizer in self.regularizers.items():
+            for metric, value in regularizer.metrics.items():
+                self.log(f"details/{name}/{metric}", value)
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         terms, out = self.loss_terms(batch, self.global_step)
         loss = sum(weight * value for value, weight in terms.values())
@@ -76,6 +83,7 @@ class SAEModule(L.LightningModule):
             self.log(f"losses/{name}", value)
             self.log(f"losses/{name}_weighted", weight * value)
         self.log("losses/overall_loss", loss, prog_bar=True)
+        self.log_regularizer_metrics()
 
         fired = (out.acts != 0).any(dim=0)
         fired = self.trainer.strategy.reduce(fired.float(), reduce_op="sum") > 0
@@ -85,8 +93,8 @@ class SAEModule(L.LightningModule):
         self.log("details/n_training_tokens", self.tokens_seen.float())
         dead = self.sae.dead_mask()
         metrics = batch_metrics(batch, out.recon, out.acts)
-        self.log("metrics/l0", metrics["l0"], prog_bar=True)
-        self.log("metrics/explained_variance", metrics["explained_variance"], prog_bar=True)
+        self.log("metrics/l0", metrics["l0"], prog_bar=True, sync_dist=True)
+        self.log("metrics/explained_variance", metrics["explained_variance"], prog_bar=True, sync_dist=True)
         self.log("sparsity/dead_features", dead.sum().float())
         self.log("sparsity/dead_fraction", dead.float().mean())
         self.log("details/lr", self.optimizers().param_groups[0]["lr"])

@@ -205,7 +205,7 @@ def test_schedule():
 def test_defaults():
     module = C2R()
     assert (module.coef, module.alpha, module.interval, module.start_step) == (5.0, 1.0, 5, 0)
-    assert module.neighbor_search == "exact" and module.chunk_size == 8192
+    assert module.neighbor_search == "cached" and module.refresh_every == 100 and module.chunk_size == 8192
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,8 @@ class Regularizer(nn.Module):
         self.coef = float(coef)
         self.start_step = int(start_step)
         self.interval = int(interval)
+        # Diagnostics of the last call (e.g. C²R's neighbour staleness), logged as details/<name>/<key>.
+        self.metrics: dict[str, torch.Tensor] = {}
 
     def weight(self, step: int) -> float:
         """The multiplier of the raw term at ``step``; 0.0 means: skip computing it."""

@@ -29,20 +29,22 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed.nn.functional as distributed_functional
 import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Regularizer
 
 NEIGHBOR_SEARCHES = ("exact", "chunked")
-"""Valid values of ``neighbor_search``; "chunked" is the paper's, "exact" the global argmax."""
+"""Searches :func:`find_neighbors` runs; "chunked" is the paper's, "exact" the global argmax."""
+
+C2R_NEIGHBOR_SEARCHES = (*NEIGHBOR_SEARCHES, "cached")
+"""What :class:`C2R` accepts: also "cached", the exact search reused for ``refresh_every`` steps."""
 
 
-def _check_neighbor_search(neighbor_search: str) -> None:
-    if neighbor_search not in NEIGHBOR_SEARCHES:
-        raise ValueError(
-            f"unknown C2R neighbor_search {neighbor_search!r}; choose one of {', '.join(map(repr, NEIGHBOR_SEARCHES))}"
-        )
+def _check_neighbor_search(neighbor_search: str, valid: tuple[str, ...] = NEIGHBOR_SEARCHES) -> None:
+    if neighbor_search not in valid:
+        raise ValueError(f"unknown C2R neighbor_search {neighbor_search!r}; choose one of {', '.join(map(repr, valid))}")
 
 
 def _check_alpha(alpha: float) -> None:
@@ -152,22 +154,41 @@ def find_neighbors(
     return nearest_neighbors_exact(decoder_rows, tile_size=tile_size)
 
 
-def pair_loss(acts: Tensor, decoder_rows: Tensor, neighbors: Tensor, *, alpha: float = 1.0) -> Tensor:
+def latent_norms(acts: Tensor, *, across_ranks: bool = False) -> Tensor:
+    """``n_i = ‖f[:, i]‖₂`` over the batch (``[F]``, at least fp32).
+
+    With ``across_ranks`` the batch is the global one of a DDP job: ``Σ_b f²`` is all-reduced (summed)
+    differentiably before the square root, so every rank gets the same norms and gradients flow back to each
+    rank's own rows. Dead latents (``Σ f² = 0``, where the root has no derivative) get norm 0 and gradient 0.
+    """
+    with _full_precision(acts):
+        # vector_norm reduces without materialising a [B, F] temporary of squares.
+        norms = torch.linalg.vector_norm(_at_least_fp32(acts), dim=0)
+        if not across_ranks:
+            return norms
+        squares = distributed_functional.all_reduce(norms.square())
+        alive = squares > 0
+        return torch.where(alive, torch.where(alive, squares, 1.0).sqrt(), 0.0)
+
+
+def pair_loss(
+    acts: Tensor, decoder_rows: Tensor, neighbors: Tensor, *, alpha: float = 1.0, across_ranks: bool = False
+) -> Tensor:
     """The differentiable C²R loss (scalar) for given neighbours ``j = neighbors`` (``[F]``, long).
 
     Costs O(F·d + B·F): only the F pairs ``(i, j(i))`` are touched. Latents with ``j(i) == i`` have no
     neighbour and add 0. Gradients stay finite for dead latents (all-zero columns, where ‖·‖ has no
     derivative) and for ``n_i + n_j = 0`` with ``alpha < 1`` (where the power's derivative is infinite):
-    the power is taken only on positive bases and is 0 elsewhere.
+    the power is taken only on positive bases and is 0 elsewhere. ``across_ranks``: see :func:`latent_norms`.
     """
     _check_alpha(alpha)
+    norms = latent_norms(acts, across_ranks=across_ranks)
     with _full_precision(acts):
         unit = F.normalize(_at_least_fp32(decoder_rows), dim=1)
         cosines = (unit * unit[neighbors]).sum(dim=1)
         has_neighbor = neighbors != torch.arange(neighbors.shape[0], device=neighbors.device)
         similarity = torch.where(has_neighbor, cosines.clamp_min(0).square(), 0.0)
 
-        norms = _at_least_fp32(acts).norm(dim=0)
         base = norms + norms[neighbors]
         positive = base > 0
         strength = torch.where(positive, torch.where(positive, base, 1.0).pow(alpha), 0.0)
@@ -198,12 +219,25 @@ def c2r_loss(
     return pair_loss(acts, decoder_rows, neighbors, alpha=alpha)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
 class C2R(Regularizer):
     """C²R as a scheduled :class:`Regularizer` (defaults: the paper's coef=5, alpha=1, interval=5).
 
-    With ``neighbor_search="chunked"`` the permutation at a step is drawn from a fresh generator seeded
-    from ``(seed, step)``, so every DDP rank draws the same chunks at the same step and a resumed run
-    repeats them.
+    Neighbour search (``neighbor_search``):
+
+    - ``"exact"``: the global argmax over all F latents at every call (tiled; O(F²·d) per call).
+    - ``"chunked"``: the paper's; the permutation at a step is drawn from a fresh generator seeded from
+      ``(seed, step)``, so every DDP rank draws the same chunks at the same step and a resumed run repeats them.
+    - ``"cached"``: the exact search, recomputed when ``refresh_every`` steps have passed since the last one
+      and reused in between, so a step costs O(F·d + B·F). Right after a refresh it equals ``"exact"``.
+      The indices are checkpointed (a resumed run continues with the same ones); on refresh steps ``metrics``
+      reports how many changed (staleness), to choose ``refresh_every``.
+
+    Under DDP, ``n_i`` is the norm over the global batch and the neighbours are broadcast from rank 0, so the
+    loss is the same on every rank and equals a single process on the concatenated batch.
     """
 
     def __init__(
@@ -212,44 +246,81 @@ class C2R(Regularizer):
         alpha: float = 1.0,
         interval: int = 5,
         start_step: int = 0,
-        neighbor_search: str = "exact",
+        neighbor_search: str = "cached",
         chunk_size: int = 8192,
         tile_size: int = 4096,
+        refresh_every: int = 100,
         seed: int = 0,
     ) -> None:
         super().__init__(coef=coef, start_step=start_step, interval=interval)
         _check_alpha(alpha)
-        _check_neighbor_search(neighbor_search)
+        _check_neighbor_search(neighbor_search, C2R_NEIGHBOR_SEARCHES)
         _check_chunk_size(chunk_size)
         _check_tile_size(tile_size)
+        if refresh_every < 1:
+            raise ValueError(f"C2R refresh_every must be >= 1 (steps between exact neighbour searches), got {refresh_every}")
         self.alpha = float(alpha)
         self.neighbor_search = neighbor_search
         self.chunk_size = int(chunk_size)
         self.tile_size = int(tile_size)
+        self.refresh_every = int(refresh_every)
         self.seed = int(seed)
+        # "cached" state; sized on the first refresh (F is not known before).
+        self.register_buffer("cached_neighbors", torch.empty(0, dtype=torch.long))
+        self.register_buffer("refreshed_at", torch.tensor(-1, dtype=torch.long))
 
     def neighbors(self, decoder_rows: Tensor, step: int) -> Tensor:
-        """``j(i)`` for every latent at ``step`` (no gradient)."""
+        """``j(i)`` for every latent at ``step`` (no gradient), identical on every DDP rank."""
+        if self.neighbor_search == "cached":
+            return self._cached_neighbors(decoder_rows, step)
         generator = None
         if self.neighbor_search == "chunked":
             # The CPU generator keeps only 32 bits of its seed: the odd multiplier keeps the steps of one
             # run distinct and puts the permutations of runs with different seeds ~1e8+ steps apart.
             generator = torch.Generator().manual_seed((self.seed * 0x9E3779B9 + step) % 2**32)
-        return find_neighbors(
-            decoder_rows,
-            self.neighbor_search,
-            chunk_size=self.chunk_size,
-            generator=generator,
-            tile_size=self.tile_size,
+        return self._same_on_all_ranks(
+            find_neighbors(
+                decoder_rows,
+                self.neighbor_search,
+                chunk_size=self.chunk_size,
+                generator=generator,
+                tile_size=self.tile_size,
+            )
         )
+
+    def _cached_neighbors(self, decoder_rows: Tensor, step: int) -> Tensor:
+        stale = self.cached_neighbors.numel() != decoder_rows.shape[0]
+        if stale or step - int(self.refreshed_at) >= self.refresh_every:
+            fresh = self._same_on_all_ranks(nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size))
+            changed = fresh.new_tensor(fresh.numel()) if stale else (fresh != self.cached_neighbors).sum()
+            self.metrics = {"neighbors_changed": changed.float(), "neighbors_changed_fraction": changed / fresh.numel()}
+            self.cached_neighbors = fresh
+            self.refreshed_at.fill_(step)
+        return self.cached_neighbors
+
+    @staticmethod
+    def _same_on_all_ranks(neighbors: Tensor) -> Tensor:
+        """Rank 0's neighbours everywhere: a tie broken differently by one GPU must not split the ranks."""
+        if _distributed():
+            torch.distributed.broadcast(neighbors, src=0)
+        return neighbors
 
     def forward(self, acts: Tensor, decoder_rows: Tensor, step: int) -> Tensor:
         """The raw (unweighted) C²R loss of ``acts [B, F]`` and ``decoder_rows [F, d]`` at ``step``."""
-        return pair_loss(acts, decoder_rows, self.neighbors(decoder_rows, step), alpha=self.alpha)
+        self.metrics = {}
+        neighbors = self.neighbors(decoder_rows, step)
+        return pair_loss(acts, decoder_rows, neighbors, alpha=self.alpha, across_ranks=_distributed())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The cached indices are sized on first use: take the checkpoint's size before loading into them.
+        saved = state_dict.get(prefix + "cached_neighbors")
+        if saved is not None:
+            self.cached_neighbors = torch.empty_like(saved, device=self.cached_neighbors.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"coef={self.coef}, alpha={self.alpha}, interval={self.interval}, start_step={self.start_step}, "
             f"neighbor_search={self.neighbor_search!r}, chunk_size={self.chunk_size}, "
-            f"tile_size={self.tile_size}, seed={self.seed}"
+            f"tile_size={self.tile_size}, refresh_every={self.refresh_every}, seed={self.seed}"
         )

@@ -1,0 +1,131 @@
+"""What C²R costs per training step, for each neighbour search, relative to the same SAE without it.
+
+A step is what training does: forward, every loss term (MSE, AuxK, C²R), backward, the decoder-gradient
+projection, Adam, decoder renormalisation. C²R is applied on every step (interval=1) so each timed step pays
+for it. For ``cached`` the exact search runs once every ``refresh_every`` steps: its cost is timed separately
+and amortised (median step + refresh / refresh_every).
+
+    python benchmarks/c2r_overhead.py                       # CPU, F ∈ {4096, 16384, 65536}, d=576, B=2048, k=64
+    python benchmarks/c2r_overhead.py --device cuda --d 2304 --sizes 65536   # GPU (bf16 autocast)
+
+Prints a table and writes benchmarks/results/c2r_overhead_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from c2r.module import SAEModule
+from c2r.regularizers import C2R
+from c2r.sae import TopKSAE
+
+MODES = ("none", "chunked", "exact", "cached")
+RESULTS = Path(__file__).parent / "results"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(mode: str, d: int, dict_size: int, k: int, refresh_every: int, device: torch.device):
+    sae = TopKSAE(d, dict_size, k=k, seed=0).to(device)
+    regularizers = {} if mode == "none" else {
+        "c2r": C2R(coef=1.0, interval=1, neighbor_search=mode, refresh_every=refresh_every)
+    }
+    module = SAEModule(sae, regularizers).to(device)
+    return module, torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+
+def train_step(module: SAEModule, optimizer: torch.optim.Optimizer, x: torch.Tensor, step: int, autocast) -> None:
+    with autocast():
+        terms, _ = module.loss_terms(x, step)
+        loss = sum(weight * value for value, weight in terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    module.sae.remove_parallel_gradient()
+    optimizer.step()
+    module.sae.normalize_decoder()
+
+
+def time_mode(mode: str, args: argparse.Namespace, dict_size: int, device: torch.device) -> dict:
+    module, optimizer = build(mode, args.d, dict_size, args.k, args.refresh_every, device)
+    x = torch.randn(args.batch, args.d, device=device) / args.d**0.5
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    times = []
+    for step in range(args.steps + 1):  # step 0 is warm-up (allocations; for "cached" also its first search)
+        synchronize(device)
+        started = time.perf_counter()
+        train_step(module, optimizer, x, step, autocast)
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    steady = statistics.median(times[1:])
+    result = {"mode": mode, "dict_size": dict_size, "median_step_s": steady, "step_times_s": times[1:]}
+    if mode == "cached":
+        regularizer = module.regularizers["c2r"]
+        synchronize(device)
+        started = time.perf_counter()
+        regularizer.refreshed_at.fill_(-args.refresh_every)  # force a refresh: time the exact search alone
+        regularizer.neighbors(module.sae.W_dec, 0)
+        synchronize(device)
+        result["refresh_s"] = time.perf_counter() - started
+        result["amortised_step_s"] = steady + result["refresh_s"] / args.refresh_every
+    else:
+        result["amortised_step_s"] = steady
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--d", type=int, default=576)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
+    parser.add_argument("--refresh-every", type=int, default=100)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    rows = []
+    print(f"{'F':>7} {'search':>8} {'median s/step':>14} {'amortised':>10} {'× none':>7}", flush=True)
+    for dict_size in args.sizes:
+        baseline = None
+        for mode in args.modes:
+            result = time_mode(mode, args, dict_size, device)
+            baseline = result["amortised_step_s"] if mode == "none" else baseline
+            result["ratio_to_none"] = result["amortised_step_s"] / baseline if baseline else None
+            rows.append(result)
+            ratio = f"{result['ratio_to_none']:.2f}" if baseline else "-"
+            print(
+                f"{dict_size:>7} {mode:>8} {result['median_step_s']:>14.3f} {result['amortised_step_s']:>10.3f} "
+                f"{ratio:>7}",
+                flush=True,
+            )
+
+    machine = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    out = args.out or RESULTS / f"c2r_overhead_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {key: value for key, value in vars(args).items() if key != "out"}
+    out.write_text(json.dumps({"settings": settings, "machine": machine, "results": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
