@@ -3,6 +3,15 @@
 Training works on normalised activations (E‖x‖² = 1); export folds the normalisation factor ``s`` into the
 weights so the exported SAE works on raw activations: with ``x_n = s·x``,
 ``(x_n − b_dec) W_enc = (x − b_dec/s)(s·W_enc)`` and ``x̂ = (f W_dec + b_dec)/s``.
+
+So the pre-activations, and with them the codes ``f``, are the same before and after folding: only ``W_enc``
+(×s), ``W_dec`` and ``b_dec`` (÷s) change, and every tensor that acts on pre-activations stays as trained —
+``b_enc``, JumpReLU's ``threshold``, Gated's ``b_gate``, ``b_mag`` and ``r_mag`` (the magnitude path
+``(x − b_dec/s)(s·W_enc ⊙ exp(r_mag)) + b_mag`` equals the trained one).
+
+Inference forms (SAELens names): ``standard`` (ReLU), ``topk`` (``k`` in cfg.json), ``jumprelu`` (``threshold``;
+also BatchTopK and Matryoshka, with one shared threshold) and ``gated`` (``b_gate``, ``r_mag``, ``b_mag``, no
+``b_enc``).
 """
 
 from __future__ import annotations
@@ -32,15 +41,10 @@ def export_sae(
     """Write ``sae_weights.safetensors`` + ``cfg.json`` (SAELens format) for raw activations."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    architecture, extra_tensors, extra_fields = sae.export_state()
+    architecture, tensors, extra_fields = sae.export_state()
     s = float(normalization_factor)
-    tensors = {
-        "W_enc": sae.W_enc.detach().float() * s,
-        "b_enc": sae.b_enc.detach().float(),
-        "W_dec": sae.W_dec.detach().float() / s,
-        "b_dec": sae.b_dec.detach().float() / s,
-        **{name: t.detach().float() for name, t in extra_tensors.items()},
-    }
+    scale = {"W_enc": s, "W_dec": 1 / s, "b_dec": 1 / s}  # everything else acts on the unchanged pre-activations
+    tensors = {name: t.detach().float() * scale.get(name, 1.0) for name, t in tensors.items()}
     save_file({name: t.contiguous().cpu() for name, t in tensors.items()}, directory / WEIGHTS_FILE)
     cfg = {
         "architecture": architecture,
@@ -64,20 +68,32 @@ def export_sae(
 class InferenceSAE(nn.Module):
     """A trained SAE on raw activations: ``encode(x) -> f``, ``decode(f) -> x̂``, ``forward(x) -> x̂``."""
 
+    ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
+
     def __init__(self, cfg: dict, tensors: dict[str, Tensor]) -> None:
         super().__init__()
-        if cfg["architecture"] not in ("topk", "jumprelu"):
-            raise ValueError(f"unsupported architecture {cfg['architecture']!r}; expected 'topk' or 'jumprelu'")
+        if cfg["architecture"] not in self.ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {cfg['architecture']!r}; expected one of {', '.join(self.ARCHITECTURES)}"
+            )
         self.cfg = cfg
         for name, tensor in tensors.items():
             self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
     def encode(self, x: Tensor) -> Tensor:
-        pre_acts = (x - self.b_dec) @ self.W_enc + self.b_enc
-        if self.cfg["architecture"] == "topk":
+        centred = x - self.b_dec
+        architecture = self.cfg["architecture"]
+        if architecture == "gated":
+            shared = centred @ self.W_enc
+            magnitude = (shared * self.r_mag.exp() + self.b_mag).relu()
+            return magnitude * (shared + self.b_gate > 0)
+        pre_acts = centred @ self.W_enc + self.b_enc
+        if architecture == "topk":
             values, indices = pre_acts.topk(self.cfg["k"], dim=-1)
             return torch.zeros_like(pre_acts).scatter(-1, indices, values.relu())
-        return pre_acts.relu() * (pre_acts > self.threshold)
+        if architecture == "jumprelu":
+            return pre_acts.relu() * (pre_acts > self.threshold)
+        return pre_acts.relu()
 
     def decode(self, acts: Tensor) -> Tensor:
         return acts @ self.W_dec + self.b_dec

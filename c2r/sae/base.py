@@ -1,8 +1,11 @@
 """What every SAE architecture shares; each architecture file holds only what differs.
 
-Shared here: the affine encoder/decoder parameters, unit-norm decoder rows, the data-initialised decoder bias,
-dead-latent tracking and the AuxK loss that revives dead latents. An architecture implements ``activate``
-(pre-activations → post-sparsity codes) and may add loss terms via ``extra_losses``.
+Shared here: the affine encoder/decoder parameters, the decoder-row norm policy (unit norm, or free for
+architectures that opt out), the data-initialised decoder bias, dead-latent tracking, a training-step counter,
+the AuxK loss that revives dead latents and the assembly of the named loss terms. An architecture implements
+``activate`` (pre-activations → post-sparsity codes) and ``export_state`` (its inference form), and may add loss
+terms via ``extra_losses`` or replace the reconstruction term via ``reconstruction_losses``; one with several encoder
+paths (Gated) overrides ``encode_with_pre_acts`` instead of ``activate``.
 """
 
 from __future__ import annotations
@@ -12,23 +15,32 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+LossTerms = dict[str, tuple[Tensor, float]]
+"""Named loss terms, ``name -> (raw value, weight)``; logged as ``losses/<name>``."""
+
 
 @dataclass
 class SAEOutput:
     """One forward pass: what the losses, regularizers and metrics need."""
 
-    pre_acts: Tensor  # [B, F] encoder output before the sparsity nonlinearity
+    pre_acts: Tensor  # [B, F] encoder output before the sparsity nonlinearity (Gated: the gate path's)
     acts: Tensor  # [B, F] post-sparsity codes: what the decoder (and C²R) sees
     recon: Tensor  # [B, d] reconstruction
 
 
 class SparseAutoencoder(nn.Module):
-    """``x̂ = activate((x - b_dec) W_enc + b_enc) W_dec + b_dec`` with unit-norm rows of ``W_dec [F, d]``.
+    """``x̂ = activate((x - b_dec) W_enc + b_enc) W_dec + b_dec`` with decoder rows ``W_dec [F, d]``.
 
     Works on normalised activations (E‖x‖² = 1); export folds the normalisation back in.
+
+    Decoder-row norms: with ``unit_norm_decoder = True`` (the class default) the rows are kept on the unit
+    sphere: ``remove_parallel_gradient`` drops the radial gradient before each optimiser step and
+    ``normalize_decoder`` renormalises after it. An architecture whose sparsity penalty is weighted by the row
+    norms sets it to ``False``; both methods are then no-ops and the rows float freely.
     """
 
     architecture: str = "base"
+    unit_norm_decoder: bool = True
 
     def __init__(
         self,
@@ -62,42 +74,60 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(dict_size, dtype=torch.long))
+        # Training batches seen (one per ``update_firing``): drives schedules that act inside ``forward``, such
+        # as k annealing, and is checkpointed with the weights so a resumed run continues them.
+        self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))
 
     # --- what architectures implement -------------------------------------------------------------------------
     def activate(self, pre_acts: Tensor) -> Tensor:
         """Post-sparsity codes from pre-activations (behaviour may differ between train and eval mode)."""
         raise NotImplementedError
 
-    def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, tuple[Tensor, float]]:
-        """Architecture-specific loss terms as ``name -> (raw value, weight)``; none by default."""
+    def extra_losses(self, x: Tensor, out: SAEOutput, step: int) -> LossTerms:
+        """Architecture-specific loss terms at training ``step``; none by default."""
         return {}
 
+    def reconstruction_losses(self, x: Tensor, out: SAEOutput) -> LossTerms:
+        """The reconstruction term(s); by default ``mse`` of the full reconstruction with weight 1."""
+        return {"mse": (mse(out.recon, x), 1.0)}
+
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
-        """(SAELens architecture name, extra tensors, extra cfg fields) of the inference form."""
+        """(SAELens architecture name, every tensor of the inference form, extra cfg fields), in the training
+        normalisation; ``c2r.export.export_sae`` folds the normalisation into ``W_enc``, ``W_dec`` and ``b_dec``
+        (every other tensor acts on pre-activations, which the folding leaves unchanged)."""
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------------------------------
     def pre_activations(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
+    def encode_with_pre_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(pre_acts, acts)`` of ``x``; an architecture with more than one encoder path overrides this."""
+        pre_acts = self.pre_activations(x)
+        return pre_acts, self.activate(pre_acts)
+
     def encode(self, x: Tensor) -> Tensor:
-        return self.activate(self.pre_activations(x))
+        return self.encode_with_pre_acts(x)[1]
 
     def decode(self, acts: Tensor) -> Tensor:
         return acts @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> SAEOutput:
-        pre_acts = self.pre_activations(x)
-        acts = self.activate(pre_acts)
+        pre_acts, acts = self.encode_with_pre_acts(x)
         return SAEOutput(pre_acts=pre_acts, acts=acts, recon=self.decode(acts))
 
-    def losses(self, x: Tensor, out: SAEOutput) -> dict[str, tuple[Tensor, float]]:
-        """Every SAE loss term as ``name -> (raw value, weight)``: MSE, AuxK and the architecture's own."""
-        terms = {"mse": (mse(out.recon, x), 1.0)}
+    def losses(self, x: Tensor, out: SAEOutput, step: int) -> LossTerms:
+        """Every SAE loss term at training ``step`` (warm-ups read it) as ``name -> (raw value, weight)``:
+        the reconstruction, AuxK and the architecture's own."""
+        terms = self.reconstruction_losses(x, out)
         if self.aux_coef > 0:
             terms["auxk"] = (self.auxk_loss(x, out), self.aux_coef)
-        terms.update(self.extra_losses(x, out))
+        terms.update(self.extra_losses(x, out, step))
         return terms
+
+    def encoder_decoder_tensors(self) -> dict[str, Tensor]:
+        """``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` detached: the core of every inference form."""
+        return {name: getattr(self, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
     def auxk_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
         """Reconstruct the residual with the top ``aux_k`` dead latents (Gao et al. 2024), normalised by the
@@ -120,20 +150,24 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def update_firing(self, fired: Tensor, n_tokens: int) -> None:
-        """Record which latents fired (``fired [F]`` bool) in a batch of ``n_tokens`` rows."""
+        """Record one training batch of ``n_tokens`` rows in which the latents ``fired [F]`` (bool) fired;
+        also advances ``training_steps``."""
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired] = 0
+        self.training_steps += 1
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Project the decoder rows back onto the unit sphere (after each optimiser step)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        """Project the decoder rows back onto the unit sphere (after each optimiser step); a no-op when the
+        architecture lets the rows float (``unit_norm_decoder = False``)."""
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
         """Drop the gradient component along each decoder row, which only changes its norm (undone anyway by
-        ``normalize_decoder``) and would otherwise distort Adam's moment estimates."""
-        if self.W_dec.grad is None:
+        ``normalize_decoder``) and would otherwise distort Adam's moment estimates. A no-op for floating rows."""
+        if self.W_dec.grad is None or not self.unit_norm_decoder:
             return
         rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
         parallel = (self.W_dec.grad * rows).sum(dim=1, keepdim=True)
@@ -155,3 +189,18 @@ def mse(recon: Tensor, x: Tensor) -> Tensor:
     """Squared error summed over the feature dimension, averaged over rows (scale matches E‖x‖² = 1)."""
     return (recon - x).pow(2).sum(dim=-1).mean()
 
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up of a coefficient: ``(step + 1) / warmup_steps`` until it reaches 1 (the LR warm-up's
+    convention: the last warm-up step has the full value); 1 throughout when ``warmup_steps == 0``."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def check_sparsity_coef(name: str, coef: float, warmup_steps: int) -> None:
+    """Validate a sparsity coefficient and its warm-up length (``name`` is the config key's prefix)."""
+    if coef < 0:
+        raise ValueError(f"{name}_coef must be >= 0 (0 switches the sparsity penalty off), got {coef}")
+    if warmup_steps < 0:
+        raise ValueError(f"{name}_warmup_steps must be >= 0 (0 = no warm-up), got {warmup_steps}")

@@ -1,4 +1,4 @@
-"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) sparsity."""
+"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) sparsity, with optional k annealing."""
 
 from __future__ import annotations
 
@@ -8,26 +8,65 @@ from torch import Tensor
 from c2r.sae.base import SparseAutoencoder
 
 
-class TopKSAE(SparseAutoencoder):
+class KSparseAutoencoder(SparseAutoencoder):
+    """What TopK-style SAEs share: the number ``k`` of active latents per row and its optional annealing.
+
+    Annealing (off by default): with ``k_anneal_steps > 0``, training starts at ``k_start`` active latents and
+    ``k`` decreases linearly to the target ``k`` over the first ``k_anneal_steps`` training steps
+    (``round(k_start + (k - k_start) · min(1, t / k_anneal_steps))`` at step t, counted by ``training_steps``),
+    then stays at ``k``. Starting dense eases early optimisation and leaves fewer dead latents.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        dict_size: int,
+        *,
+        k: int,
+        k_start: int | None = None,
+        k_anneal_steps: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(d_in, dict_size, **kwargs)
+        if not 0 < k <= dict_size:
+            raise ValueError(f"k must be in [1, dict_size={dict_size}], got k={k}; lower k or raise dict_size")
+        if k_anneal_steps < 0:
+            raise ValueError(f"k_anneal_steps must be >= 0 (0 = no annealing), got {k_anneal_steps}")
+        if k_anneal_steps > 0 and k_start is None:
+            raise ValueError(f"k_anneal_steps={k_anneal_steps} needs k_start (the k to anneal from), e.g. k_start={4 * k}")
+        if k_start is not None and k_anneal_steps == 0:
+            raise ValueError(f"k_start={k_start} is set but k_anneal_steps=0: set k_anneal_steps > 0 or k_start=null")
+        if k_start is not None and not k <= k_start <= dict_size:
+            raise ValueError(f"k_start must be in [k={k}, dict_size={dict_size}] (k decays to k), got {k_start}")
+        self.k = int(k)
+        self.k_start = None if k_start is None else int(k_start)
+        self.k_anneal_steps = int(k_anneal_steps)
+
+    def current_k(self, step: int | None = None) -> int:
+        """The number of active latents per row at training ``step`` (default: ``training_steps``)."""
+        if self.k_anneal_steps == 0:
+            return self.k
+        if step is None:
+            step = int(self.training_steps)
+        progress = min(1.0, step / self.k_anneal_steps)
+        return round(self.k_start + (self.k - self.k_start) * progress)
+
+
+class TopKSAE(KSparseAutoencoder):
     """Keeps the ``k`` largest (ReLU'd) pre-activations of every row: exactly k active latents per row."""
 
     architecture = "topk"
 
-    def __init__(self, d_in: int, dict_size: int, *, k: int, **kwargs) -> None:
-        super().__init__(d_in, dict_size, **kwargs)
-        if not 0 < k <= dict_size:
-            raise ValueError(f"k must be in [1, dict_size={dict_size}], got k={k}; lower k or raise dict_size")
-        self.k = k
-
     def activate(self, pre_acts: Tensor) -> Tensor:
-        values, indices = pre_acts.topk(self.k, dim=-1)
+        values, indices = pre_acts.topk(self.current_k(), dim=-1)
         return torch.zeros_like(pre_acts).scatter(-1, indices, values.relu())
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
-        return "topk", {}, {"k": self.k}
+        # The k the model was last trained with (the target k unless training stopped mid-annealing).
+        return "topk", self.encoder_decoder_tensors(), {"k": self.current_k()}
 
 
-class BatchTopKSAE(SparseAutoencoder):
+class BatchTopKSAE(KSparseAutoencoder):
     """Keeps the ``k·B`` largest pre-activations of the whole batch: k active latents per row *on average*.
 
     At inference a single threshold replaces the batch-dependent selection (so one row's code does not depend
@@ -37,12 +76,9 @@ class BatchTopKSAE(SparseAutoencoder):
     architecture = "batchtopk"
 
     def __init__(self, d_in: int, dict_size: int, *, k: int, threshold_momentum: float = 0.99, **kwargs) -> None:
-        super().__init__(d_in, dict_size, **kwargs)
-        if not 0 < k <= dict_size:
-            raise ValueError(f"k must be in [1, dict_size={dict_size}], got k={k}; lower k or raise dict_size")
+        super().__init__(d_in, dict_size, k=k, **kwargs)
         if not 0 <= threshold_momentum < 1:
             raise ValueError(f"threshold_momentum must be in [0, 1), got {threshold_momentum}")
-        self.k = k
         self.threshold_momentum = threshold_momentum
         # Negative until the first training batch sets it: "not estimated yet".
         self.register_buffer("threshold", torch.tensor(-1.0))
@@ -54,7 +90,7 @@ class BatchTopKSAE(SparseAutoencoder):
             return pre_acts * (pre_acts > self.threshold)
         relu = pre_acts.relu()
         flat = relu.flatten()
-        values, indices = flat.topk(min(self.k * pre_acts.shape[0], flat.numel()))
+        values, indices = flat.topk(min(self.current_k() * pre_acts.shape[0], flat.numel()))
         if self.training:
             self._update_threshold(values)
         return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
@@ -72,4 +108,5 @@ class BatchTopKSAE(SparseAutoencoder):
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
         # SAELens and SAEBench read a BatchTopK SAE at inference as a JumpReLU with one shared threshold.
-        return "jumprelu", {"threshold": self.threshold.expand(self.dict_size).clone()}, {}
+        threshold = self.threshold.detach().expand(self.dict_size).clone()
+        return "jumprelu", {**self.encoder_decoder_tensors(), "threshold": threshold}, {}
