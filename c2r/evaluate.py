@@ -1,0 +1,116 @@
+"""``python -m c2r.evaluate``: evaluate a trained SAE and write ``eval.json``, ``eval.md`` and ``eval_*.png``.
+
+``run=<run folder>`` evaluates ``<run>/sae`` on the run's own data config (``<run>/.hydra/config.yaml``) and
+writes into the run folder; ``sae=<exported SAE folder>`` evaluates an SAE on the data selected with ``data=...``.
+The SAE is evaluated through :func:`c2r.load_sae`, i.e. in its exported, inference form on raw activations: what
+users and SAELens/SAEBench see (BatchTopK as JumpReLU with its inference threshold). See ``conf/evaluate.yaml``
+for every setting and :mod:`c2r.evaluation` for the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from c2r.evaluation import EVALS, RESULTS_FILE, run_evaluation
+from c2r.export import load_sae
+
+log = logging.getLogger(__name__)
+
+RUN_SETTINGS = ("evals", "tokens", "split", "batch_size", "device", "plots")
+"""Keys of ``conf/evaluate.yaml`` that configure the evaluation itself (plus one section per eval)."""
+
+
+def default_settings() -> dict[str, Any]:
+    """The evaluation settings of ``conf/evaluate.yaml`` (no Hydra needed: usable inside a running Hydra job)."""
+    text = resources.files("c2r.conf").joinpath("evaluate.yaml").read_text()
+    return settings_of(OmegaConf.create(text))
+
+
+def settings_of(cfg: DictConfig) -> dict[str, Any]:
+    """The evaluation settings in an ``evaluate`` config, as plain values."""
+    keys = [key for key in (*RUN_SETTINGS, *EVALS) if key in cfg]
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+
+
+def load_run_config(run_dir: str | Path) -> DictConfig:
+    """The composed training config a run saved (``<run>/.hydra/config.yaml``)."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a training run folder: {path} is missing (a `python -m c2r.train` run writes it). "
+            "To evaluate an exported SAE without its run, use sae=<folder> data=<option>"
+        )
+    return OmegaConf.load(path)
+
+
+def evaluate_sae_on(
+    sae_dir: str | Path, data_cfg: DictConfig, out_dir: str | Path | None, settings: dict[str, Any]
+) -> dict:
+    """Evaluate the exported SAE in ``sae_dir`` on the shards of ``data_cfg.source`` (created if missing)."""
+    sae = load_sae(sae_dir)
+    shard_dir = instantiate(data_cfg.source).ensure()
+    run = {key: settings[key] for key in RUN_SETTINGS if key in settings}
+    per_eval = {name: settings.get(name) or {} for name in EVALS}
+    result = run_evaluation(sae, shard_dir, out_dir, settings=per_eval, sae_path=sae_dir, **run)
+    for note in result["notes"]:
+        log.warning(note)
+    if out_dir is not None:
+        log.info("evaluation written to %s", Path(out_dir) / RESULTS_FILE)
+    return result
+
+
+def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None, **overrides: Any) -> dict:
+    """End-of-training evaluation: ``<run_dir>/sae`` on the run's data; ``eval.json``, ``eval.md`` and the plots
+    go into ``run_dir``.
+
+    ``cfg`` is the training config (default: the one the run saved); ``overrides`` replace the defaults of
+    ``conf/evaluate.yaml`` (e.g. ``tokens=200_000``, ``evals=["core"]``, ``device="cuda"``,
+    ``ground_truth={"min_events": 50}``; an eval's section is merged key by key). Returns what ``eval.json`` holds.
+    """
+    run_dir = Path(run_dir)
+    cfg = cfg if cfg is not None else load_run_config(run_dir)
+    settings = default_settings()
+    for key, value in overrides.items():
+        if key in EVALS and isinstance(value, dict):
+            settings[key] = {**settings.get(key, {}), **value}
+        elif key in RUN_SETTINGS or key in EVALS:
+            settings[key] = value
+        else:
+            raise ValueError(f"unknown evaluation setting {key!r}; valid: {', '.join((*RUN_SETTINGS, *EVALS))}")
+    return evaluate_sae_on(run_dir / "sae", cfg.data, run_dir, settings)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """The body of ``python -m c2r.evaluate`` on its composed config."""
+    settings = settings_of(cfg)
+    if cfg.run is not None and cfg.sae is not None:
+        raise ValueError("set either run=<run folder> or sae=<exported SAE folder>, not both")
+    if cfg.run is not None:
+        run_dir = Path(cfg.run)
+        out = Path(cfg.out) if cfg.out is not None else run_dir
+        return evaluate_sae_on(run_dir / "sae", load_run_config(run_dir).data, out, settings)
+    if cfg.sae is not None:
+        out = cfg.out if cfg.out is not None else HydraConfig.get().runtime.output_dir
+        return evaluate_sae_on(Path(cfg.sae), cfg.data, Path(out), settings)
+    raise ValueError(
+        "nothing to evaluate: set run=<training run folder> or sae=<exported SAE folder> (with data=<option>)"
+    )
+
+
+@hydra.main(version_base="1.3", config_path="pkg://c2r.conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entrypoint; returns the FVU (when the core eval ran) so sweepers can read it."""
+    result = evaluate(cfg)
+    return result.get("core", {}).get("fvu")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Evaluating trained SAEs: core metrics, ground-truth metrics (absorption, splitting, ...), plots and reports.
+
+:func:`run_evaluation` reads the rows once, encodes each batch once and feeds every selected evaluation of
+:data:`EVALS` (the streaming protocol of :class:`c2r.evaluation.base.StreamingEval`), then writes ``eval.json``,
+``eval.md`` and the PNG plots. ``python -m c2r.evaluate`` (``c2r/evaluate.py``) is the command-line front end.
+
+Adding an evaluation = one more entry in :data:`EVALS`: a factory ``(ctx: EvalContext, **settings) ->
+StreamingEval | None`` (``None`` = does not apply to this data; append the reason to ``ctx.notes``). Its settings
+come from ``conf/evaluate.yaml`` under its name. **Extension point for the language-model evaluations** (CE-loss
+score, KL score, SAEBench-style first-letter absorption): they need the LM and the hook that produced the shards
+(recorded in ``ctx.rows.manifest.source``) and run their own forward passes; such an evaluation takes what it
+needs in its factory, ignores ``update`` and does its work in ``finalize``. None is implemented yet; asking for
+one fails with a message that says so (:data:`PLANNED`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from c2r import __version__
+from c2r.data.hierarchy import load_ground_truth
+from c2r.evaluation.base import EvalContext, SAELike, StreamingEval
+from c2r.evaluation.core import CoreEval
+from c2r.evaluation.data import EvalRows, select_rows
+from c2r.evaluation.ground_truth import GroundTruthEval
+from c2r.evaluation.report import write_report
+
+RESULTS_FILE = "eval.json"
+REPORT_FILE = "eval.md"
+
+
+def _ground_truth(ctx: EvalContext, **settings) -> StreamingEval | None:
+    truth = load_ground_truth(ctx.rows.directory)
+    if truth is None:
+        ctx.notes.append(
+            f"ground_truth skipped: {ctx.rows.directory} has no ground truth (features.npy); use "
+            "data=synthetic_hierarchy or data=synthetic"
+        )
+        return None
+    return GroundTruthEval(ctx, truth, **settings)
+
+
+EVALS: dict[str, Callable[..., StreamingEval | None]] = {
+    "core": CoreEval,
+    "ground_truth": _ground_truth,
+}
+"""Evaluation name → factory ``(ctx, **settings)``."""
+
+PLANNED = {
+    "ce_loss": "CE-loss score (LM loss with the SAE spliced in vs. zero-ablation)",
+    "kl": "KL score (next-token distribution with the SAE spliced in)",
+    "first_letter_absorption": "SAEBench-style first-letter absorption on the LM",
+}
+"""Evaluations that need the language model: not implemented yet (see the module docstring)."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_evals(evals: Sequence[str]) -> None:
+    for name in evals:
+        if name in PLANNED:
+            raise ValueError(
+                f"eval {name!r} ({PLANNED[name]}) needs the language model and is not implemented yet; "
+                f"available: {', '.join(EVALS)}"
+            )
+        if name not in EVALS:
+            raise ValueError(f"unknown eval {name!r}; available: {', '.join(EVALS)}")
+    if not evals:
+        raise ValueError(f"no evals selected; choose from {', '.join(EVALS)}")
+
+
+@torch.no_grad()
+def evaluate_rows(
+    sae: SAELike,
+    rows: EvalRows,
+    *,
+    evals: Sequence[str] = ("core", "ground_truth"),
+    settings: Mapping[str, Mapping] | None = None,
+    batch_size: int = 8192,
+    device: str | torch.device = "cpu",
+    plot_dir: Path | None = None,
+) -> dict:
+    """Run ``evals`` on ``rows`` (one pass, each batch encoded once); returns ``{eval name: results, "notes": [...]}``.
+
+    The SAE sees the rows as stored (raw activations): pass an exported SAE (``c2r.load_sae``), which works on
+    raw activations. A module is put in eval mode (BatchTopK then uses its inference threshold) and moved to
+    ``device`` for the pass, then restored.
+    """
+    check_evals(evals)
+    device = resolve_device(device)
+    module = sae if isinstance(sae, nn.Module) else None
+    was_training = module.training if module is not None else False
+    parameters = list(module.parameters()) if module is not None else []
+    original_device = parameters[0].device if parameters else None
+    if module is not None:
+        module.eval().to(device)
+    try:
+        ctx = EvalContext(sae=sae, rows=rows, device=device, plot_dir=plot_dir, notes=list(rows.notes))
+        active = {}
+        for name in evals:
+            made = EVALS[name](ctx, **dict((settings or {}).get(name, {})))
+            if made is not None:
+                active[name] = made
+        for batch in rows.batches(batch_size, device):
+            acts = sae.encode(batch.x)
+            recon = sae.decode(acts)
+            for evaluation in active.values():
+                evaluation.update(batch, acts, recon)
+        results = {name: evaluation.finalize() for name, evaluation in active.items()}
+    finally:
+        if module is not None:
+            module.train(was_training)
+            if original_device is not None:
+                module.to(original_device)
+    return {**results, "evals": list(active), "notes": ctx.notes}
+
+
+def run_evaluation(
+    sae: SAELike,
+    shard_dir: str | Path,
+    out_dir: str | Path | None,
+    *,
+    evals: Sequence[str] = ("core", "ground_truth"),
+    tokens: int = 1_000_000,
+    split: str = "val",
+    batch_size: int = 8192,
+    device: str | torch.device = "cpu",
+    settings: Mapping[str, Mapping] | None = None,
+    plots: bool = True,
+    sae_path: str | Path | None = None,
+) -> dict:
+    """Evaluate ``sae`` on the first ``tokens`` rows of ``split`` of ``shard_dir``; with ``out_dir``, write
+    ``eval.json``, ``eval.md`` and (``plots``) ``eval_*.png`` there. Returns what ``eval.json`` holds."""
+    started = time.time()
+    check_evals(evals)
+    rows = select_rows(shard_dir, tokens=tokens, split=split)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    results = evaluate_rows(
+        sae,
+        rows,
+        evals=evals,
+        settings=settings,
+        batch_size=batch_size,
+        device=device,
+        plot_dir=out_dir if plots else None,
+    )
+    result = {
+        "c2r_version": __version__,
+        "sae": {"path": str(sae_path) if sae_path is not None else None, **_sae_summary(sae)},
+        "data": {
+            "shard_dir": str(rows.directory),
+            "split": rows.split,
+            "rows": rows.rows,
+            "tokens_requested": rows.requested,
+            "source": rows.manifest.source,
+        },
+        **results,
+        "wall_time_s": round(time.time() - started, 2),
+    }
+    if out_dir is not None:
+        (out_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
+        write_report(result, out_dir / REPORT_FILE)
+    return result
+
+
+def _sae_summary(sae: SAELike) -> dict:
+    cfg = getattr(sae, "cfg", None)
+    summary = {"d_in": int(sae.W_dec.shape[1]), "d_sae": int(sae.W_dec.shape[0])}
+    if isinstance(cfg, dict):
+        summary.update({k: cfg[k] for k in ("architecture", "k", "hook_name", "model_name") if k in cfg})
+    return summary
+
+
+__all__ = [
+    "EVALS",
+    "PLANNED",
+    "EvalContext",
+    "StreamingEval",
+    "evaluate_rows",
+    "run_evaluation",
+    "select_rows",
+]

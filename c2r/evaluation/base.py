@@ -1,0 +1,64 @@
+"""What every evaluation shares: the SAE interface it relies on, its context and the streaming protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from c2r.evaluation.data import EvalRows, RowBatch
+
+
+class SAELike(Protocol):
+    """What the evaluations use of an SAE: ``c2r.load_sae``'s ``InferenceSAE`` (raw activations) or a training
+    ``SparseAutoencoder`` (normalised activations: pass rows in its scale) both fit."""
+
+    W_enc: Tensor  # [d, F]
+    W_dec: Tensor  # [F, d]
+
+    def encode(self, x: Tensor) -> Tensor: ...
+
+    def decode(self, acts: Tensor) -> Tensor: ...
+
+
+@dataclass
+class EvalContext:
+    """Everything an evaluation may read: the SAE, the rows it is evaluated on (and through ``rows.manifest`` the
+    data's provenance: model, hook, dataset), the device and the folder its plots go to."""
+
+    sae: SAELike
+    rows: EvalRows
+    device: torch.device
+    plot_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class StreamingEval(Protocol):
+    """One evaluation fed by the shared pass over the rows (each batch is encoded once for all evaluations).
+
+    ``update`` sees every batch with its SAE codes and reconstruction; ``finalize`` returns the results (plain
+    JSON-able values) and writes its plots into ``ctx.plot_dir`` when that is set.
+    """
+
+    name: str
+
+    def update(self, batch: RowBatch, acts: Tensor, recon: Tensor) -> None: ...
+
+    def finalize(self) -> dict: ...
+
+
+def histogram(values: Tensor, bins: int, low: float, high: float) -> dict[str, list[float]]:
+    """``{"edges": [bins + 1], "counts": [bins]}`` of ``values`` clipped into ``[low, high]``."""
+    values = values.detach().double().cpu().clamp(low, high)
+    counts = torch.histc(values, bins=bins, min=low, max=high)
+    edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
+    return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def nan_to_none(value: float) -> float | None:
+    """JSON has no NaN: undefined values are written as null."""
+    value = float(value)
+    return None if value != value else value
