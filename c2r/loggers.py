@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import netrc
 import os
 from pathlib import Path
@@ -26,7 +27,20 @@ def wandb_logger(project: str, save_dir: str, name: str | None = None, **kwargs)
     ``offline=True`` would overwrite it."""
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     offline = "WANDB_MODE" not in os.environ and not wandb_credentials_available()
-    return WandbLogger(project=project, save_dir=save_dir, name=name or None, offline=offline, **kwargs)
+    return WandbLogger(
+        project=project,
+        save_dir=save_dir,
+        name=name or None,
+        offline=offline,
+        id=run_id(save_dir),
+        resume="allow",
+        **kwargs,
+    )
+
+
+def run_id(run_dir: str | Path) -> str:
+    """A W&B run id derived from the run folder, so a relaunched (resumed) job logs into the same W&B run."""
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
 def finish_logging(logger: Logger, final_metrics: dict[str, float]) -> None:

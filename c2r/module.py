@@ -46,9 +46,6 @@ class SAEModule(L.LightningModule):
             raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
         self.sae = sae
         self.regularizers = nn.ModuleDict(dict(regularizers or {}))
-        overlap = set(self.regularizers) & {"mse", "auxk"}
-        if overlap:
-            raise ValueError(f"regularizer names {sorted(overlap)} clash with the SAE's own loss terms")
         self.lr = lr
         self.betas = tuple(betas)
         self.warmup_steps = warmup_steps
@@ -62,8 +59,13 @@ class SAEModule(L.LightningModule):
         """All loss terms at ``step`` as ``name -> (raw, weight)``; scheduled regularizers appear only on the
         steps where their weight is non-zero."""
         out = self.sae(x)
-        terms = self.sae.losses(x, out)
+        terms = self.sae.losses(x, out, step)
         for name, regularizer in self.regularizers.items():
+            if name in terms:
+                raise ValueError(
+                    f"a regularizer is named {name!r} like one of the SAE's own loss terms {sorted(terms)}: give it "
+                    "another name (each term is logged as losses/<name>)"
+                )
             weight = regularizer.weight(step)
             if weight:
                 terms[name] = (regularizer(out.acts, self.sae.W_dec, step), weight)
@@ -103,7 +105,10 @@ class SAEModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.sae.remove_parallel_gradient()
 
-    def on_train_batch_end(self, outputs, batch: Tensor, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks (the checkpoint) run before the module's batch-end hook and
+        # must see the renormalised decoder, or a resumed run would start from different weights.
         self.sae.normalize_decoder()
 
     def on_validation_epoch_start(self) -> None:

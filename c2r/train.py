@@ -2,11 +2,13 @@
 
 Order of work: cheap config checks first (so bad input fails before any compute), then the shards (created if
 missing), then training, a final validation, and the run folder's ``metrics.json`` and exported SAE.
+Relaunching a job in the same run folder is idempotent: a finished job is skipped, an interrupted one resumes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -14,32 +16,37 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from c2r.checkpointing import FinalAndPeriodicCheckpoint, training_plugins
 from c2r.data import ActivationDataModule
+from c2r.evaluate import evaluate_run
 from c2r.export import export_sae
 from c2r.loggers import finish_logging
 from c2r.module import SAEModule
 from c2r.regularizers import Regularizer
 
 DECODER_BIAS_SAMPLE_ROWS = 8192
-
-
-class FinalAndPeriodicCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_train_steps`` steps and once more when training ends, so the last
-    checkpoint always holds the final weights whatever the step count."""
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+log = logging.getLogger(__name__)
 
 
 def build_regularizers(cfg: DictConfig) -> dict[str, Regularizer]:
-    """The selected ``regularizer`` option as ``{option name: module}``; an empty option (``none``) is none."""
-    if not cfg:
-        return {}
-    name = HydraConfig.get().runtime.choices["regularizer"]
-    return {name: instantiate(cfg)}
+    """Every penalty of the run as ``{loss-term name: module}``: the ``regularizer`` option under its option name
+    (``none`` is empty and adds nothing) plus each entry of ``extra_regularizers`` under its key, e.g.
+    ``+regularizer@extra_regularizers.ortho=ortho`` adds ``ortho``. Names must be distinct."""
+    regularizers = {}
+    if cfg.regularizer:
+        regularizers[HydraConfig.get().runtime.choices["regularizer"]] = instantiate(cfg.regularizer)
+    for name, extra in (cfg.get("extra_regularizers") or {}).items():
+        if not extra:
+            continue
+        if name in regularizers:
+            raise ValueError(
+                f"two regularizers are named {name!r} (loss terms are logged as losses/<name>): give the extra one "
+                f"another key, e.g. +regularizer@extra_regularizers.{name}_2={name}"
+            )
+        regularizers[name] = instantiate(extra)
+    return regularizers
 
 
 def resolve_d_in(configured: int | None, from_shards: int, shard_dir: Path) -> int:
@@ -56,6 +63,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job as configured; returns the final validation metrics."""
     started = time.time()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    metrics_path = run_dir / "metrics.json"  # written last: its presence marks a finished job
+    if metrics_path.exists():
+        log.info(f"{run_dir} has finished already ({metrics_path.name} exists): skipping it")
+        return json.loads(metrics_path.read_text())
     max_steps = cfg.train_tokens // cfg.batch_size
     if max_steps < 1:
         raise ValueError(
@@ -63,7 +74,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "raise train_tokens or lower batch_size"
         )
     L.seed_everything(cfg.seed, workers=True)
-    regularizers = build_regularizers(cfg.regularizer)
+    regularizers = build_regularizers(cfg)
     # Constructors validate their arguments, so building the SAE before the data work makes bad input fail
     # before any compute; only when the width is left to the shards (data=shards) do they come first.
     sae = instantiate(cfg.model) if cfg.model.d_in is not None else None
@@ -91,10 +102,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_val_every_n_epoch=None,
         logger=logger,
         callbacks=[checkpoint],
+        plugins=training_plugins(),
         use_distributed_sampler=False,  # the DataModule splits blocks across ranks itself (DESIGN.md §3)
         default_root_dir=run_dir,
     )
-    trainer.fit(module, datamodule=datamodule)
+    # A relaunched job (same run folder) continues from its last checkpoint: weights, optimiser, schedule,
+    # C²R state and the data stream's position (the DataModule restarts it at the restored global step).
+    resume_from = checkpoint.last_path if checkpoint.last_path.exists() else None
+    if resume_from:
+        log.info(f"resuming from {resume_from}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
 
     metrics = {
@@ -113,7 +130,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             hook_name=provenance.get("hook", ""),
             model_name=provenance.get("model", ""),
         )
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if cfg.evaluation:  # before metrics.json, which marks the job finished
+            evaluate_run(run_dir, cfg, **OmegaConf.to_container(cfg.evaluation, resolve=True))
+        temporary = metrics_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(metrics, indent=2))
+        temporary.replace(metrics_path)
     if logger:
         finish_logging(logger, metrics)
     return metrics

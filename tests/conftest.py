@@ -9,10 +9,11 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 # A job small enough for 2 CPU cores: 32-d synthetic data from 64 features, 4 active per row.
 TINY_DATA = [
+    "data=synthetic",
     "data.d_in=32",
     "data.source.n_features=64",
     "data.source.l0=4",
@@ -68,3 +69,14 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: int = 300) -> subproces
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def write_tiny_sweep_config(directory: Path, name: str = "tiny_grid") -> Path:
+    """A sweep config holding the TINY settings (as grids in sweeps/ do), so job folders are named by the swept
+    keys only; use it with ``--config-dir <directory> --config-name <name>``."""
+    settings = OmegaConf.from_dotlist([o for o in TINY if not o.startswith(("logger=", "data="))])
+    header = {"defaults": ["train", {"override data": "synthetic"}, {"override logger": "none"},
+                           {"override regularizer": "c2r"}, "_self_"]}
+    path = directory / f"{name}.yaml"
+    OmegaConf.save(OmegaConf.merge(header, settings), path)
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
@@ -125,36 +126,52 @@ def _as_set(rows: torch.Tensor) -> set:
     return {tuple(r) for r in rows.numpy().round(5).tolist()}
 
 
-def test_datamodule_train_epoch_covers_each_block_once(synthetic):
+def _take(loader, n):
+    return list(itertools.islice(loader, n))
+
+
+def test_datamodule_train_stream_covers_each_block_once_per_epoch(synthetic):
     dm = ActivationDataModule(synthetic, batch_size=64, seed=3)
     dm.prepare_data()
     dm.setup("fit")
     assert dm.d_in == 8
     loader = dm.train_dataloader()
-    assert len(loader) == 3 * 256 // 64
-    batches = list(loader)
+    with pytest.raises(TypeError):
+        len(loader)  # endless: Lightning trains one epoch and stops at max_steps
+    blocks_per_epoch = 3 * 256 // 64
+    batches = _take(loader, 2 * blocks_per_epoch)
     assert all(b.shape == (64, 8) and b.dtype == torch.float32 for b in batches)
-    seen = torch.cat(batches)
+    first, second = batches[:blocks_per_epoch], batches[blocks_per_epoch:]
     expected = _shard_rows(dm.manifest, dm.manifest.train_shards)
-    assert _as_set(seen) == _as_set(expected) and len(_as_set(seen)) == len(expected)
-    # same seed and epoch -> same order; the next epoch reorders
-    again = list(dm.train_dataloader())
+    assert _as_set(torch.cat(first)) == _as_set(expected) and len(_as_set(torch.cat(first))) == len(expected)
+    # the next epoch reads the same blocks in another order
+    assert _as_set(torch.cat(second)) == _as_set(expected)
+    assert any(not torch.equal(x, y) for x, y in zip(first, second))
+    # same seed -> same stream
+    again = _take(dm.train_dataloader(), 2 * blocks_per_epoch)
     assert all(torch.equal(x, y) for x, y in zip(batches, again))
-    loader.sampler.set_epoch(1)
-    next_epoch = list(loader)
-    assert any(not torch.equal(x, y) for x, y in zip(batches, next_epoch))
-    assert _as_set(torch.cat(next_epoch)) == _as_set(seen)
+
+
+@pytest.mark.parametrize("start_step", [5, 12, 17])
+def test_datamodule_stream_resumes_at_the_trainers_global_step(synthetic, start_step):
+    dm = ActivationDataModule(synthetic, batch_size=64, seed=3)
+    dm.prepare_data()
+    dm.setup("fit")
+    from_start = _take(dm.train_dataloader(), 30)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=start_step)
+    resumed = _take(dm.train_dataloader(), 30 - start_step)
+    assert all(torch.equal(x, y) for x, y in zip(resumed, from_start[start_step:], strict=True))
 
 
 def test_datamodule_two_ranks(synthetic):
     per_rank = []
     for rank in range(2):
         dm = ActivationDataModule(synthetic, batch_size=64, seed=3)
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0)
         dm.prepare_data()
         dm.setup("fit")
-        batches = list(dm.train_dataloader())
-        assert len(batches) == 12 and all(b.shape == (32, 8) for b in batches)
+        batches = _take(dm.train_dataloader(), 12)
+        assert all(b.shape == (32, 8) for b in batches)
         per_rank.append(_as_set(torch.cat(batches)))
     assert not per_rank[0] & per_rank[1]
     assert len(per_rank[0] | per_rank[1]) == 3 * 256
@@ -195,7 +212,7 @@ def test_existing_shards(tmp_path, synthetic):
     dm = ActivationDataModule(source, batch_size=128)
     dm.prepare_data()
     dm.setup("fit")
-    assert len(dm.train_dataloader()) == 6
+    assert len(dm.val_dataloader()) == 2 and dm.train_dataloader().dataset.__len__() == 6
     missing = ExistingShards(str(tmp_path / "not_there"))
     with pytest.raises(FileNotFoundError, match="missing shard directory.*python -m c2r.harvest"):
         missing.ensure()
@@ -210,16 +227,16 @@ def test_datamodule_with_worker_processes(synthetic):
     for dm in (plain, workers):
         dm.prepare_data()
         dm.setup("fit")
-    expected = list(plain.train_dataloader())
-    got = list(workers.train_dataloader())
-    assert len(got) == len(expected) and all(torch.equal(x, y) for x, y in zip(got, expected))
+    expected = _take(plain.train_dataloader(), 15)
+    got = _take(workers.train_dataloader(), 15)
+    assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
 
 
 @pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader`", "ignore:.*LeafSpec")
-def test_lightning_trainer_sets_the_epoch(synthetic):
+def test_lightning_trainer_reads_the_stream_until_max_steps(synthetic):
     import lightning as L
 
-    epochs = []
+    seen = []
 
     class Probe(L.LightningModule):
         def __init__(self):
@@ -227,14 +244,16 @@ def test_lightning_trainer_sets_the_epoch(synthetic):
             self.layer = torch.nn.Linear(8, 8)
 
         def training_step(self, batch, batch_idx):
-            assert batch.shape == (64, 8)
-            epochs.append((self.current_epoch, self.trainer.train_dataloader.sampler.epoch))
+            seen.append(batch.clone())
             return (self.layer(batch) - batch).pow(2).mean()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    trainer = L.Trainer(max_epochs=2, use_distributed_sampler=False, logger=False, limit_val_batches=0,
+    trainer = L.Trainer(max_steps=30, use_distributed_sampler=False, logger=False, limit_val_batches=0,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Probe(), datamodule=ActivationDataModule(synthetic, batch_size=64))
-    assert epochs == [(0, 0)] * 12 + [(1, 1)] * 12
+    dm = ActivationDataModule(synthetic, batch_size=64)
+    trainer.fit(Probe(), datamodule=dm)
+    dm.trainer = None
+    expected = _take(dm.train_dataloader(), 30)
+    assert len(seen) == 30 and all(torch.equal(x, y) for x, y in zip(seen, expected))

@@ -55,3 +55,11 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert factors[9:81] == pytest.approx([1.0] * 72)
     assert factors[90] == pytest.approx(0.5)
     assert factors[100] == 0.0
+
+
+def test_a_regularizer_named_like_an_sae_loss_term_is_refused():
+    from c2r.regularizers import C2R
+
+    module = SAEModule(TopKSAE(4, 8, k=1), {"auxk": C2R(coef=1, interval=1)})
+    with pytest.raises(ValueError, match="named 'auxk' like one of the SAE's own loss terms"):
+        module.loss_terms(torch.randn(5, 4), 0)

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import OmegaConf
 
 from c2r import load_sae
 from c2r.data import ShardWriter, SyntheticShards
 from c2r.train import train
-from conftest import TINY, TINY_JOB, run_cli
+from conftest import TINY, TINY_JOB, run_cli, write_tiny_sweep_config
 
 
 def test_cli_run_writes_checkpoint_metrics_and_export(tmp_path):
@@ -64,10 +63,7 @@ def test_ddp_spawn_on_two_cpu_processes(tmp_path):
 
 
 def test_multirun_grid_gives_one_folder_per_job(tmp_path):
-    # Fixed settings live in a sweep config (as in sweeps/), so job folders are named by the swept keys only.
-    settings = OmegaConf.from_dotlist([o for o in TINY if not o.startswith("logger=")])
-    sweep_config = {"defaults": ["train", {"override logger": "none"}, {"override regularizer": "c2r"}, "_self_"]}
-    OmegaConf.save(OmegaConf.merge(sweep_config, settings), tmp_path / "tiny_grid.yaml")
+    write_tiny_sweep_config(tmp_path)
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
         "c2r.train", "--config-dir", str(tmp_path), "--config-name", "tiny_grid", "-m",

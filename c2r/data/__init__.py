@@ -1,12 +1,14 @@
-"""Activation data: shard format, synthetic generator and the Lightning DataModule."""
+"""Activation data: shard format, synthetic generator, LM harvesting and the Lightning DataModule."""
 
 from c2r.data.datamodule import (
     ActivationDataModule,
     BlockDataset,
     BlockSampler,
+    BlockStream,
     ExistingShards,
     ShardSource,
 )
+from c2r.data.harvest import HarvestedShards
 from c2r.data.shards import (
     FORMAT_VERSION,
     Manifest,
@@ -22,7 +24,9 @@ __all__ = [
     "ActivationDataModule",
     "BlockDataset",
     "BlockSampler",
+    "BlockStream",
     "ExistingShards",
+    "HarvestedShards",
     "Manifest",
     "ShardEntry",
     "ShardSource",

@@ -106,6 +106,26 @@ class BlockSampler(Sampler[int]):
         return self.num_blocks // self.world_size
 
 
+class BlockStream(Sampler[int]):
+    """The endless training order: step ``t`` of this rank reads block ``epoch_order[t % n]`` of epoch ``t // n``
+    (``n`` = blocks per rank per epoch, ``epoch_order`` = :class:`BlockSampler`'s pure function of
+    ``(seed, epoch)``). Starting at ``start_step`` continues a resumed run exactly where it stopped.
+
+    It has no length: Lightning trains one endless epoch and stops at ``max_steps``.
+    """
+
+    def __init__(self, epochs: BlockSampler, start_step: int = 0):
+        self.epochs = epochs
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start_step, len(self.epochs))
+        while True:
+            self.epochs.set_epoch(epoch)
+            yield from self.epochs.indices()[offset:]
+            epoch, offset = epoch + 1, 0
+
+
 class BlockDataset(Dataset[torch.Tensor]):
     """Item ``k`` = block ``k``: ``block_rows`` contiguous rows of one shard, as float32 × ``scale``.
 
@@ -209,7 +229,9 @@ class ActivationDataModule(L.LightningDataModule):
         _ = self.block_rows  # fail early if batch_size does not split over the ranks
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.manifest.train_shards, shuffle=True, split="train")
+        # The trainer's global step is already restored from the checkpoint when Lightning asks for this.
+        start_step = int(self.trainer.global_step) if self.trainer is not None else 0
+        return self._loader(self.manifest.train_shards, shuffle=True, split="train", start_step=start_step)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.manifest.val_shards:
@@ -273,7 +295,8 @@ class ActivationDataModule(L.LightningDataModule):
         return out.mul_(manifest.normalization_factor)
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def _loader(self, shards: list[ShardEntry], *, shuffle: bool, split: str) -> DataLoader:
+    def _loader(self, shards: list[ShardEntry], *, shuffle: bool, split: str, start_step: int | None = None) -> DataLoader:
+        """Validation: one pass in order. Training (``start_step`` given): the endless shuffled stream."""
         manifest = self.manifest
         rank, world = self.rank_and_world
         dataset = BlockDataset(manifest.directory, shards, self.block_rows, manifest.normalization_factor)
@@ -284,6 +307,8 @@ class ActivationDataModule(L.LightningDataModule):
                 "batch_size or fewer devices"
             )
         sampler = BlockSampler(len(dataset), seed=self.seed, shuffle=shuffle, rank=rank, world_size=world)
+        if start_step is not None:
+            sampler = BlockStream(sampler, start_step)
         return DataLoader(
             dataset,
             batch_size=None,

@@ -2,5 +2,6 @@
 
 from .base import Regularizer
 from .c2r import C2R, c2r_loss
+from .ortho import Ortho, ortho_loss
 
-__all__ = ["C2R", "Regularizer", "c2r_loss"]
+__all__ = ["C2R", "Ortho", "Regularizer", "c2r_loss", "ortho_loss"]

@@ -33,7 +33,7 @@ import torch.distributed.nn.functional as distributed_functional
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Regularizer
+from .base import Regularizer, step_generator
 
 NEIGHBOR_SEARCHES = ("exact", "chunked")
 """Searches :func:`find_neighbors` runs; "chunked" is the paper's, "exact" the global argmax."""
@@ -171,6 +171,16 @@ def latent_norms(acts: Tensor, *, across_ranks: bool = False) -> Tensor:
         return torch.where(alive, torch.where(alive, squares, 1.0).sqrt(), 0.0)
 
 
+def pair_similarity(decoder_rows: Tensor, neighbors: Tensor) -> Tensor:
+    """``s_i = max(0, cos(W_i, W_{j(i)}))²`` for given ``neighbors = j`` (``[F]``), 0 where ``j(i) == i`` (no
+    neighbour); differentiable in the rows, in at least fp32 with autocast off. Shared by C²R and OrtSAE."""
+    with _full_precision(decoder_rows):
+        unit = F.normalize(_at_least_fp32(decoder_rows), dim=1)
+        cosines = (unit * unit[neighbors]).sum(dim=1)
+        has_neighbor = neighbors != torch.arange(neighbors.shape[0], device=neighbors.device)
+        return torch.where(has_neighbor, cosines.clamp_min(0).square(), 0.0)
+
+
 def pair_loss(
     acts: Tensor, decoder_rows: Tensor, neighbors: Tensor, *, alpha: float = 1.0, across_ranks: bool = False
 ) -> Tensor:
@@ -183,12 +193,8 @@ def pair_loss(
     """
     _check_alpha(alpha)
     norms = latent_norms(acts, across_ranks=across_ranks)
+    similarity = pair_similarity(decoder_rows, neighbors)
     with _full_precision(acts):
-        unit = F.normalize(_at_least_fp32(decoder_rows), dim=1)
-        cosines = (unit * unit[neighbors]).sum(dim=1)
-        has_neighbor = neighbors != torch.arange(neighbors.shape[0], device=neighbors.device)
-        similarity = torch.where(has_neighbor, cosines.clamp_min(0).square(), 0.0)
-
         base = norms + norms[neighbors]
         positive = base > 0
         strength = torch.where(positive, torch.where(positive, base, 1.0).pow(alpha), 0.0)
@@ -273,11 +279,7 @@ class C2R(Regularizer):
         """``j(i)`` for every latent at ``step`` (no gradient), identical on every DDP rank."""
         if self.neighbor_search == "cached":
             return self._cached_neighbors(decoder_rows, step)
-        generator = None
-        if self.neighbor_search == "chunked":
-            # The CPU generator keeps only 32 bits of its seed: the odd multiplier keeps the steps of one
-            # run distinct and puts the permutations of runs with different seeds ~1e8+ steps apart.
-            generator = torch.Generator().manual_seed((self.seed * 0x9E3779B9 + step) % 2**32)
+        generator = step_generator(self.seed, step) if self.neighbor_search == "chunked" else None
         return self._same_on_all_ranks(
             find_neighbors(
                 decoder_rows,

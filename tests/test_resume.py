@@ -1,0 +1,73 @@
+"""Jobs are idempotent: a killed job resumes to the same result, a finished one is not redone."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, run_cli, write_tiny_sweep_config
+
+# 160 steps with checkpoints every 20; C²R's cached neighbours refresh every 7 steps (checkpointed state too).
+LONG_JOB = [*TINY, "train_tokens=20480", "checkpoint_every=20", "regularizer=c2r", "regularizer.coef=0.01",
+            "regularizer.interval=2", "regularizer.refresh_every=7"]
+
+
+def test_a_killed_job_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    reference = tmp_path / "reference"
+    assert run_cli("c2r.train", *LONG_JOB, f"hydra.run.dir={reference}", cwd=tmp_path).returncode == 0
+
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "c2r.train", *LONG_JOB, f"hydra.run.dir={run_dir}"]
+    job = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    killed_at = torch.load(checkpoint, weights_only=False)["global_step"]
+    assert 0 < killed_at < 160
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = run_cli("c2r.train", *LONG_JOB, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 160
+    final, expected = load_file(run_dir / "sae" / "sae_weights.safetensors"), load_file(reference / "sae" / "sae_weights.safetensors")
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], msg=name)
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_relaunching_a_finished_job_does_no_work(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli("c2r.train", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    metrics_before = (run_dir / "metrics.json").read_text()
+    checkpoint_mtime = os.path.getmtime(run_dir / "checkpoints" / "last.ckpt")
+
+    again = run_cli("c2r.train", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert again.returncode == 0
+    assert "has finished already" in again.stderr + again.stdout
+    assert (run_dir / "metrics.json").read_text() == metrics_before
+    assert os.path.getmtime(run_dir / "checkpoints" / "last.ckpt") == checkpoint_mtime
+
+
+def test_submitit_local_launcher_runs_a_sweep_and_a_relaunch_skips_it(tmp_path):
+    write_tiny_sweep_config(tmp_path)
+    sweep_dir = tmp_path / "sweep"
+    command = ["--config-dir", str(tmp_path), "--config-name", "tiny_grid", "-m", "hydra/launcher=submitit_local",
+               "dict_size=32", f"hydra.sweep.dir={sweep_dir}"]
+    first = run_cli("c2r.train", *command, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    finished = {p.parent.name: p.stat().st_mtime for p in sweep_dir.glob("*/metrics.json")}
+    assert sorted(finished) == ["dict_size=32"]
+
+    again = run_cli("c2r.train", *command, cwd=tmp_path)  # the same sweep again: nothing to do
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.parent.name: p.stat().st_mtime for p in sweep_dir.glob("*/metrics.json")} == finished
