@@ -57,31 +57,41 @@ def train_step(module: SAEModule, optimizer: torch.optim.Optimizer, x: torch.Ten
     module.sae.normalize_decoder()
 
 
-def time_mode(mode: str, args: argparse.Namespace, dict_size: int, device: torch.device) -> dict:
-    module, optimizer = build(mode, args.d, dict_size, args.k, args.refresh_every, device)
+def time_step(module: SAEModule, optimizer, x: torch.Tensor, step: int, autocast, device: torch.device) -> float:
+    synchronize(device)
+    started = time.perf_counter()
+    train_step(module, optimizer, x, step, autocast)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def time_modes(args: argparse.Namespace, dict_size: int, device: torch.device) -> list[dict]:
+    """Median step time of every mode at one dictionary size. The modes take turns step by step, so a change
+    in background load (a shared machine) hits them all alike instead of biasing the ratios."""
+    built = {mode: build(mode, args.d, dict_size, args.k, args.refresh_every, device) for mode in args.modes}
     x = torch.randn(args.batch, args.d, device=device) / args.d**0.5
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    times = []
+    times: dict[str, list[float]] = {mode: [] for mode in args.modes}
     for step in range(args.steps + 1):  # step 0 is warm-up (allocations; for "cached" also its first search)
-        synchronize(device)
-        started = time.perf_counter()
-        train_step(module, optimizer, x, step, autocast)
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    steady = statistics.median(times[1:])
-    result = {"mode": mode, "dict_size": dict_size, "median_step_s": steady, "step_times_s": times[1:]}
-    if mode == "cached":
-        regularizer = module.regularizers["c2r"]
-        synchronize(device)
-        started = time.perf_counter()
-        regularizer.refreshed_at.fill_(-args.refresh_every)  # force a refresh: time the exact search alone
-        regularizer.neighbors(module.sae.W_dec, 0)
-        synchronize(device)
-        result["refresh_s"] = time.perf_counter() - started
-        result["amortised_step_s"] = steady + result["refresh_s"] / args.refresh_every
-    else:
-        result["amortised_step_s"] = steady
-    return result
+        for mode, (module, optimizer) in built.items():
+            times[mode].append(time_step(module, optimizer, x, step, autocast, device))
+    results = []
+    for mode, (module, _) in built.items():
+        steady = statistics.median(times[mode][1:])
+        result = {"mode": mode, "dict_size": dict_size, "median_step_s": steady, "step_times_s": times[mode][1:]}
+        if mode == "cached":
+            regularizer = module.regularizers["c2r"]
+            synchronize(device)
+            started = time.perf_counter()
+            regularizer.refreshed_at.fill_(-args.refresh_every)  # force a refresh: time the exact search alone
+            regularizer.neighbors(module.sae.W_dec, 0)
+            synchronize(device)
+            result["refresh_s"] = time.perf_counter() - started
+            result["amortised_step_s"] = steady + result["refresh_s"] / args.refresh_every
+        else:
+            result["amortised_step_s"] = steady
+        results.append(result)
+    return results
 
 
 def main() -> None:
@@ -91,7 +101,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after 1 warm-up)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 1 warm-up)")
     parser.add_argument("--refresh-every", type=int, default=100)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None)
@@ -101,15 +111,14 @@ def main() -> None:
     rows = []
     print(f"{'F':>7} {'search':>8} {'median s/step':>14} {'amortised':>10} {'× none':>7}", flush=True)
     for dict_size in args.sizes:
-        baseline = None
-        for mode in args.modes:
-            result = time_mode(mode, args, dict_size, device)
-            baseline = result["amortised_step_s"] if mode == "none" else baseline
+        results = time_modes(args, dict_size, device)
+        baseline = next((r["amortised_step_s"] for r in results if r["mode"] == "none"), None)
+        for result in results:
             result["ratio_to_none"] = result["amortised_step_s"] / baseline if baseline else None
             rows.append(result)
             ratio = f"{result['ratio_to_none']:.2f}" if baseline else "-"
             print(
-                f"{dict_size:>7} {mode:>8} {result['median_step_s']:>14.3f} {result['amortised_step_s']:>10.3f} "
+                f"{dict_size:>7} {result['mode']:>8} {result['median_step_s']:>14.3f} {result['amortised_step_s']:>10.3f} "
                 f"{ratio:>7}",
                 flush=True,
             )

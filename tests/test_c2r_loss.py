@@ -293,3 +293,39 @@ def test_bf16_autocast_uses_fp32_neighbors():
     torch.testing.assert_close(loss, pair_loss(acts.bfloat16().float(), bf16_rows.float(), fp32_neighbors))
     bf16_argmax = (unit.bfloat16() @ unit.bfloat16().T).float().fill_diagonal_(float("-inf")).argmax(dim=1)
     assert not torch.equal(bf16_argmax, fp32_neighbors)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka"])
+def test_sparse_codes_give_the_dense_loss_and_gradients(architecture):
+    """K-sparse SAEs hand C²R their selected entries (O(B·k)); value and every parameter gradient must equal the
+    loss on the dense codes, and the entries must rebuild the dense codes exactly."""
+    from c2r.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, SparseCodes, TopKSAE
+
+    kwargs = {"group_sizes": [8, 24]} if architecture == "matryoshka" else {}
+    cls = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "matryoshka": MatryoshkaBatchTopKSAE}[architecture]
+    sae = cls(12, 32, k=3, seed=0, **kwargs)
+    x = torch.randn(20, 12, generator=torch.Generator().manual_seed(1))
+    neighbors = nearest_neighbors_exact(sae.W_dec.detach())
+
+    grads = []
+    for use_sparse in (False, True):
+        sae.zero_grad()
+        out = sae(x)
+        assert isinstance(out.sparse, SparseCodes) and out.codes is out.sparse
+        rebuilt = torch.zeros(32).index_add(0, out.sparse.latents, out.sparse.values.detach().square())
+        assert torch.allclose(rebuilt, out.acts.detach().square().sum(dim=0))
+        loss = pair_loss(out.codes if use_sparse else out.acts, sae.W_dec, neighbors, alpha=1.0)
+        loss.backward()
+        grads.append((loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters()}))
+    (dense_loss, dense_grads), (sparse_loss, sparse_grads) = grads
+    assert sparse_loss == pytest.approx(dense_loss.item(), rel=1e-6)
+    for name in dense_grads:
+        assert torch.allclose(sparse_grads[name], dense_grads[name], atol=1e-6), name
+
+
+def test_architectures_without_explicit_selection_pass_dense_codes():
+    from c2r.sae import JumpReLUSAE, ReLUSAE
+
+    for sae in (ReLUSAE(8, 16, seed=0), JumpReLUSAE(8, 16, seed=0)):
+        out = sae(torch.randn(4, 8))
+        assert out.sparse is None and out.codes is out.acts

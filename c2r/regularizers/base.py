@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from c2r.sae.base import SparseCodes
+
 
 class Regularizer(nn.Module):
     """A penalty added to the SAE loss as ``weight(step) * forward(acts, decoder_rows)``.
@@ -35,8 +37,9 @@ class Regularizer(nn.Module):
             return 0.0
         return self.coef * self.interval
 
-    def forward(self, acts: Tensor, decoder_rows: Tensor, step: int) -> Tensor:  # pragma: no cover
-        """The raw (unweighted) scalar penalty for post-sparsity ``acts [B, F]`` and ``decoder_rows [F, d]``."""
+    def forward(self, acts: Tensor | SparseCodes, decoder_rows: Tensor, step: int) -> Tensor:  # pragma: no cover
+        """The raw (unweighted) scalar penalty for the post-sparsity codes (dense ``[B, F]``, or their non-zero
+        entries as :class:`~c2r.sae.SparseCodes` where the SAE selects them) and ``decoder_rows [F, d]``."""
         raise NotImplementedError
 
 

@@ -12,7 +12,8 @@ It is computed as one mechanism in two steps:
    (:func:`nearest_neighbors_exact`, :func:`nearest_neighbors_chunked`, dispatched by
    :func:`find_neighbors`);
 2. :func:`pair_loss`, the differentiable loss on the gathered pairs ``(i, j(i))``, costing
-   O(F·d + B·F). Gradients reach ``f`` and both rows of each pair (through the normalisation); none
+   O(F·d + B·F) on dense codes and O(F·d + B·k) on the selected entries of a k-sparse SAE
+   (:class:`~c2r.sae.SparseCodes`). Gradients reach ``f`` and both rows of each pair (through the normalisation); none
    flow through the argmax.
 
 Convention for latents without a neighbour (F == 1, or a latent alone in its chunk): the search
@@ -32,6 +33,8 @@ import torch
 import torch.distributed.nn.functional as distributed_functional
 import torch.nn.functional as F
 from torch import Tensor
+
+from c2r.sae.base import SparseCodes
 
 from .base import Regularizer, step_generator
 
@@ -154,19 +157,23 @@ def find_neighbors(
     return nearest_neighbors_exact(decoder_rows, tile_size=tile_size)
 
 
-def latent_norms(acts: Tensor, *, across_ranks: bool = False) -> Tensor:
-    """``n_i = ‖f[:, i]‖₂`` over the batch (``[F]``, at least fp32).
+def latent_norms(codes: Tensor | SparseCodes, *, across_ranks: bool = False) -> Tensor:
+    """``n_i = ‖f[:, i]‖₂`` over the batch (``[F]``, at least fp32), from the dense codes ``f [B, F]`` or,
+    cheaper and with the same value and gradients, from their non-zero entries (:class:`SparseCodes`).
 
     With ``across_ranks`` the batch is the global one of a DDP job: ``Σ_b f²`` is all-reduced (summed)
     differentiably before the square root, so every rank gets the same norms and gradients flow back to each
     rank's own rows. Dead latents (``Σ f² = 0``, where the root has no derivative) get norm 0 and gradient 0.
     """
-    with _full_precision(acts):
-        # vector_norm reduces without materialising a [B, F] temporary of squares.
-        norms = torch.linalg.vector_norm(_at_least_fp32(acts), dim=0)
-        if not across_ranks:
-            return norms
-        squares = distributed_functional.all_reduce(norms.square())
+    like = codes.values if isinstance(codes, SparseCodes) else codes
+    with _full_precision(like):
+        if isinstance(codes, SparseCodes):
+            values = _at_least_fp32(codes.values)
+            squares = values.new_zeros(codes.dict_size).index_add(0, codes.latents, values.square())
+        else:
+            squares = _at_least_fp32(codes).square().sum(dim=0)
+        if across_ranks:
+            squares = distributed_functional.all_reduce(squares)
         alive = squares > 0
         return torch.where(alive, torch.where(alive, squares, 1.0).sqrt(), 0.0)
 
@@ -182,11 +189,17 @@ def pair_similarity(decoder_rows: Tensor, neighbors: Tensor) -> Tensor:
 
 
 def pair_loss(
-    acts: Tensor, decoder_rows: Tensor, neighbors: Tensor, *, alpha: float = 1.0, across_ranks: bool = False
+    acts: Tensor | SparseCodes,
+    decoder_rows: Tensor,
+    neighbors: Tensor,
+    *,
+    alpha: float = 1.0,
+    across_ranks: bool = False,
 ) -> Tensor:
     """The differentiable C²R loss (scalar) for given neighbours ``j = neighbors`` (``[F]``, long).
 
-    Costs O(F·d + B·F): only the F pairs ``(i, j(i))`` are touched. Latents with ``j(i) == i`` have no
+    Costs O(F·d + B·F) on dense codes, O(F·d + B·k) on :class:`SparseCodes`: only the F pairs ``(i, j(i))``
+    are touched. Latents with ``j(i) == i`` have no
     neighbour and add 0. Gradients stay finite for dead latents (all-zero columns, where ‖·‖ has no
     derivative) and for ``n_i + n_j = 0`` with ``alpha < 1`` (where the power's derivative is infinite):
     the power is taken only on positive bases and is 0 elsewhere. ``across_ranks``: see :func:`latent_norms`.
@@ -194,7 +207,7 @@ def pair_loss(
     _check_alpha(alpha)
     norms = latent_norms(acts, across_ranks=across_ranks)
     similarity = pair_similarity(decoder_rows, neighbors)
-    with _full_precision(acts):
+    with _full_precision(norms):
         base = norms + norms[neighbors]
         positive = base > 0
         strength = torch.where(positive, torch.where(positive, base, 1.0).pow(alpha), 0.0)
@@ -238,7 +251,7 @@ class C2R(Regularizer):
     - ``"chunked"``: the paper's; the permutation at a step is drawn from a fresh generator seeded from
       ``(seed, step)``, so every DDP rank draws the same chunks at the same step and a resumed run repeats them.
     - ``"cached"``: the exact search, recomputed when ``refresh_every`` steps have passed since the last one
-      and reused in between, so a step costs O(F·d + B·F). Right after a refresh it equals ``"exact"``.
+      and reused in between, so a step costs O(F·d + B·k) (O(F·d + B·F) on dense codes). Right after a refresh it equals ``"exact"``.
       The indices are checkpointed (a resumed run continues with the same ones); on refresh steps ``metrics``
       reports how many changed (staleness), to choose ``refresh_every``.
 
@@ -307,8 +320,9 @@ class C2R(Regularizer):
             torch.distributed.broadcast(neighbors, src=0)
         return neighbors
 
-    def forward(self, acts: Tensor, decoder_rows: Tensor, step: int) -> Tensor:
-        """The raw (unweighted) C²R loss of ``acts [B, F]`` and ``decoder_rows [F, d]`` at ``step``."""
+    def forward(self, acts: Tensor | SparseCodes, decoder_rows: Tensor, step: int) -> Tensor:
+        """The raw (unweighted) C²R loss of the codes (dense ``[B, F]`` or sparse entries) and
+        ``decoder_rows [F, d]`` at ``step``."""
         self.metrics = {}
         neighbors = self.neighbors(decoder_rows, step)
         return pair_loss(acts, decoder_rows, neighbors, alpha=self.alpha, across_ranks=_distributed())

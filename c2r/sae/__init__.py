@@ -1,6 +1,6 @@
 """SAE architectures; select one with ``model=<name>``."""
 
-from c2r.sae.base import SAEOutput, SparseAutoencoder
+from c2r.sae.base import SAEOutput, SparseAutoencoder, SparseCodes
 from c2r.sae.gated import GatedSAE
 from c2r.sae.jumprelu import JumpReLUSAE
 from c2r.sae.matryoshka import MatryoshkaBatchTopKSAE
@@ -15,6 +15,7 @@ __all__ = [
     "MatryoshkaBatchTopKSAE",
     "ReLUSAE",
     "SAEOutput",
+    "SparseCodes",
     "SparseAutoencoder",
     "TopKSAE",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from c2r.sae.base import SparseAutoencoder
+from c2r.sae.base import SAEOutput, SparseAutoencoder, SparseCodes
 
 
 class KSparseAutoencoder(SparseAutoencoder):
@@ -42,6 +42,18 @@ class KSparseAutoencoder(SparseAutoencoder):
         self.k_start = None if k_start is None else int(k_start)
         self.k_anneal_steps = int(k_anneal_steps)
 
+    def select(self, pre_acts: Tensor) -> tuple[Tensor, SparseCodes | None]:
+        """The dense codes ``[B, F]`` and their non-zero entries (``None`` where the selection is not explicit)."""
+        raise NotImplementedError
+
+    def activate(self, pre_acts: Tensor) -> Tensor:
+        return self.select(pre_acts)[0]
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        pre_acts = self.pre_activations(x)
+        acts, sparse = self.select(pre_acts)
+        return SAEOutput(pre_acts=pre_acts, acts=acts, recon=self.decode(acts), sparse=sparse)
+
     def current_k(self, step: int | None = None) -> int:
         """The number of active latents per row at training ``step`` (default: ``training_steps``)."""
         if self.k_anneal_steps == 0:
@@ -57,9 +69,11 @@ class TopKSAE(KSparseAutoencoder):
 
     architecture = "topk"
 
-    def activate(self, pre_acts: Tensor) -> Tensor:
+    def select(self, pre_acts: Tensor) -> tuple[Tensor, SparseCodes]:
         values, indices = pre_acts.topk(self.current_k(), dim=-1)
-        return torch.zeros_like(pre_acts).scatter(-1, indices, values.relu())
+        values = values.relu()
+        acts = torch.zeros_like(pre_acts).scatter(-1, indices, values)
+        return acts, SparseCodes(indices.flatten(), values.flatten(), self.dict_size)
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
         # The k the model was last trained with (the target k unless training stopped mid-annealing).
@@ -83,17 +97,17 @@ class BatchTopKSAE(KSparseAutoencoder):
         # Negative until the first training batch sets it: "not estimated yet".
         self.register_buffer("threshold", torch.tensor(-1.0))
 
-    def activate(self, pre_acts: Tensor) -> Tensor:
+    def select(self, pre_acts: Tensor) -> tuple[Tensor, SparseCodes | None]:
         # Until a training batch has set the threshold (e.g. Lightning's sanity validation), eval mode also
         # uses the batch selection.
         if not self.training and self.threshold >= 0:
-            return pre_acts * (pre_acts > self.threshold)
-        relu = pre_acts.relu()
-        flat = relu.flatten()
+            return pre_acts * (pre_acts > self.threshold), None
+        flat = pre_acts.relu().flatten()
         values, indices = flat.topk(min(self.current_k() * pre_acts.shape[0], flat.numel()))
         if self.training:
             self._update_threshold(values)
-        return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
+        acts = torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
+        return acts, SparseCodes(indices % self.dict_size, values, self.dict_size)
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:
