@@ -56,10 +56,11 @@ def evaluate_sae_on(
 ) -> dict:
     """Evaluate the exported SAE in ``sae_dir`` on the shards of ``data_cfg.source`` (created if missing)."""
     sae = load_sae(sae_dir)
-    shard_dir = instantiate(data_cfg.source).ensure()
+    source = instantiate(data_cfg.source)
+    shard_dir = source.ensure()
     run = {key: settings[key] for key in RUN_SETTINGS if key in settings}
     per_eval = {name: settings.get(name) or {} for name in EVALS}
-    result = run_evaluation(sae, shard_dir, out_dir, settings=per_eval, sae_path=sae_dir, **run)
+    result = run_evaluation(sae, shard_dir, out_dir, settings=per_eval, sae_path=sae_dir, source=source, **run)
     for note in result["notes"]:
         log.warning(note)
     if out_dir is not None:

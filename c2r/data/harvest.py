@@ -267,8 +267,8 @@ class HarvestedShards:
                 f"context_length={self.context_length} exceeds {self.model}'s maximum of {lm.n_ctx} positions"
             )
         token_id(lm.tokenizer, self.context_start), token_id(lm.tokenizer, self.doc_separator)  # fail early
-        special = _special_tokens(lm.tokenizer) if self.drop_special else {}
-        special_ids = torch.tensor(sorted(set(special.values())), dtype=torch.long)
+        special = self.dropped_tokens(lm.tokenizer)
+        special_ids = self.dropped_token_ids(lm.tokenizer)
         d = hook_activations(lm, torch.zeros(1, 2, dtype=torch.long), self.hook).shape[-1]
         need = self._needed_bytes = self.tokens * (d * np.dtype(self.dtype).itemsize + 4)
         writer = ShardWriter(
@@ -299,7 +299,7 @@ class HarvestedShards:
                 counts_before = dict(counts)
                 tokens = torch.from_numpy(np.stack(batch))
                 acts = hook_activations(lm, tokens, self.hook).float().cpu()
-                keep = self._keep_mask(tokens, acts, special_ids, counts)
+                keep = self.keep_mask(tokens, acts, special_ids, counts)
                 rows, ids = acts[keep].numpy(), tokens[keep].numpy()
                 rows, ids = rows[: self.tokens - kept_before], ids[: self.tokens - kept_before]
                 counts["contexts"] += len(batch)
@@ -343,20 +343,36 @@ class HarvestedShards:
         contexts = pack_contexts(docs, self.context_length, start_id=start_id, separator_id=separator_id)
         return shuffle_buffer(contexts, self.shuffle_buffer if self.shuffle else 0, self.seed)
 
-    def _keep_mask(
-        self, tokens: torch.Tensor, acts: torch.Tensor, special_ids: torch.Tensor, counts: dict[str, int]
+    def dropped_tokens(self, tokenizer: Any) -> dict[str, int]:
+        """The tokens whose rows are dropped, ``{token: id}``: every special token with ``drop_special``."""
+        return _special_tokens(tokenizer) if self.drop_special else {}
+
+    def dropped_token_ids(self, tokenizer: Any) -> torch.Tensor:
+        """The ids of :meth:`dropped_tokens` (int64, sorted; empty when none are dropped)."""
+        return torch.tensor(sorted(set(self.dropped_tokens(tokenizer).values())), dtype=torch.long)
+
+    def keep_mask(
+        self,
+        tokens: torch.Tensor,
+        acts: torch.Tensor,
+        special_ids: torch.Tensor,
+        counts: dict[str, int] | None = None,
     ) -> torch.Tensor:
-        """``[batch, pos]`` bool: rows to write. Counts what it drops into ``counts``."""
+        """``[batch, pos]`` bool: the positions whose rows the harvest writes (neither a dropped token nor an
+        outlier). ``acts``: the hook's ``[batch, pos, d]`` activations; ``special_ids``: :meth:`dropped_token_ids`.
+        The LM evaluations splice the SAE in at exactly these positions. Counts what it drops into ``counts``."""
+        special_ids = special_ids.to(tokens.device)
         keep = ~torch.isin(tokens, special_ids) if len(special_ids) else torch.ones_like(tokens, dtype=torch.bool)
-        counts["dropped_special"] += int((~keep).sum())
+        outlier = torch.zeros_like(keep)
         if self.outlier_norm is not None:
-            norms = acts.norm(dim=-1)
+            norms = acts.float().norm(dim=-1)
             masked = torch.where(keep, norms, torch.full_like(norms, float("nan")))
             median = masked.nanmedian(dim=1, keepdim=True).values
             outlier = keep & (norms > self.outlier_norm * median)
+        if counts is not None:
+            counts["dropped_special"] += int((~keep).sum())
             counts["dropped_outlier"] += int(outlier.sum())
-            keep &= ~outlier
-        return keep
+        return keep & ~outlier
 
     # ---- progress file -----------------------------------------------------------------------------
     def _write_progress(self, target: Path, rows: int, batch: int, kept_before: int, counts: dict) -> None:

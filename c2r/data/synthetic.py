@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from c2r.data.cache import generate_once
 from c2r.data.shards import Manifest, ShardWriter
 
 # Bump when the generated numbers change for the same parameters, so old caches are not reused.
@@ -177,31 +175,9 @@ class SyntheticShards:
 
     # ---- shard source protocol ---------------------------------------------------------------------
     def ensure(self) -> Path:
-        """Generate the shards unless a complete copy is cached; return the shard directory.
-
-        Generation happens in a temporary sibling directory that is renamed into place at the end,
-        so concurrent or interrupted runs never expose a partial cache.
-        """
-        target = self.shard_dir
-        if (target / "manifest.json").is_file():
-            Manifest.load(target)
-            return target
-        if target.exists():  # no manifest: a damaged cache entry; it is cheap to rebuild
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            self._write(tmp)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not (target / "manifest.json").is_file():  # not a concurrent winner: a real error
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        Manifest.load(target)
-        return target
+        """Generate the shards unless a complete copy is cached; return the shard directory (written into a
+        temporary sibling and renamed into place, so concurrent or interrupted runs never see a partial one)."""
+        return generate_once(self.shard_dir, self._write)
 
     def _write(self, directory: Path) -> Manifest:
         directory.mkdir(parents=True)

@@ -6,11 +6,11 @@
 
 Adding an evaluation = one more entry in :data:`EVALS`: a factory ``(ctx: EvalContext, **settings) ->
 StreamingEval | None`` (``None`` = does not apply to this data; append the reason to ``ctx.notes``). Its settings
-come from ``conf/evaluate.yaml`` under its name. **Extension point for the language-model evaluations** (CE-loss
-score, KL score, SAEBench-style first-letter absorption): they need the LM and the hook that produced the shards
-(recorded in ``ctx.rows.manifest.source``) and run their own forward passes; such an evaluation takes what it
-needs in its factory, ignores ``update`` and does its work in ``finalize``. None is implemented yet; asking for
-one fails with a message that says so (:data:`PLANNED`).
+come from ``conf/evaluate.yaml`` under its name. **The language-model evaluations** (``ce_loss``: CE-loss and KL
+scores, :mod:`c2r.evaluation.ce_loss`; ``first_letter``: SAEBench-style first-letter absorption,
+:mod:`c2r.evaluation.first_letter`) need the LM and the hook that produced the shards (``ctx.source``,
+``ctx.language_model()``) and run their own forward passes; such an evaluation takes what it needs in its factory,
+ignores ``update`` and does its work in ``finalize``.
 """
 
 from __future__ import annotations
@@ -19,15 +19,18 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from c2r import __version__
 from c2r.data.hierarchy import load_ground_truth
-from c2r.evaluation.base import EvalContext, SAELike, StreamingEval
+from c2r.evaluation.base import EvalContext, SAELike, StreamingEval, scalar_metrics
+from c2r.evaluation.ce_loss import ce_loss
 from c2r.evaluation.core import CoreEval
 from c2r.evaluation.data import EvalRows, select_rows
+from c2r.evaluation.first_letter import first_letter_eval
 from c2r.evaluation.ground_truth import GroundTruthEval
 from c2r.evaluation.report import write_report
 
@@ -49,15 +52,10 @@ def _ground_truth(ctx: EvalContext, **settings) -> StreamingEval | None:
 EVALS: dict[str, Callable[..., StreamingEval | None]] = {
     "core": CoreEval,
     "ground_truth": _ground_truth,
+    "first_letter": first_letter_eval,
+    "ce_loss": ce_loss,
 }
 """Evaluation name → factory ``(ctx, **settings)``."""
-
-PLANNED = {
-    "ce_loss": "CE-loss score (LM loss with the SAE spliced in vs. zero-ablation)",
-    "kl": "KL score (next-token distribution with the SAE spliced in)",
-    "first_letter_absorption": "SAEBench-style first-letter absorption on the LM",
-}
-"""Evaluations that need the language model: not implemented yet (see the module docstring)."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -68,11 +66,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def check_evals(evals: Sequence[str]) -> None:
     for name in evals:
-        if name in PLANNED:
-            raise ValueError(
-                f"eval {name!r} ({PLANNED[name]}) needs the language model and is not implemented yet; "
-                f"available: {', '.join(EVALS)}"
-            )
         if name not in EVALS:
             raise ValueError(f"unknown eval {name!r}; available: {', '.join(EVALS)}")
     if not evals:
@@ -89,6 +82,7 @@ def evaluate_rows(
     batch_size: int = 8192,
     device: str | torch.device = "cpu",
     plot_dir: Path | None = None,
+    source: Any = None,
 ) -> dict:
     """Run ``evals`` on ``rows`` (one pass, each batch encoded once); returns ``{eval name: results, "notes": [...]}``.
 
@@ -105,7 +99,9 @@ def evaluate_rows(
     if module is not None:
         module.eval().to(device)
     try:
-        ctx = EvalContext(sae=sae, rows=rows, device=device, plot_dir=plot_dir, notes=list(rows.notes))
+        ctx = EvalContext(
+            sae=sae, rows=rows, device=device, plot_dir=plot_dir, notes=list(rows.notes), source=source
+        )
         active = {}
         for name in evals:
             made = EVALS[name](ctx, **dict((settings or {}).get(name, {})))
@@ -138,9 +134,11 @@ def run_evaluation(
     settings: Mapping[str, Mapping] | None = None,
     plots: bool = True,
     sae_path: str | Path | None = None,
+    source: Any = None,
 ) -> dict:
     """Evaluate ``sae`` on the first ``tokens`` rows of ``split`` of ``shard_dir``; with ``out_dir``, write
-    ``eval.json``, ``eval.md`` and (``plots``) ``eval_*.png`` there. Returns what ``eval.json`` holds."""
+    ``eval.json``, ``eval.md`` and (``plots``) ``eval_*.png`` there. ``source``: the shard source of
+    ``shard_dir`` (needed by the language-model evals). Returns what ``eval.json`` holds."""
     started = time.time()
     check_evals(evals)
     rows = select_rows(shard_dir, tokens=tokens, split=split)
@@ -155,6 +153,7 @@ def run_evaluation(
         batch_size=batch_size,
         device=device,
         plot_dir=out_dir if plots else None,
+        source=source,
     )
     result = {
         "c2r_version": __version__,
@@ -185,10 +184,10 @@ def _sae_summary(sae: SAELike) -> dict:
 
 __all__ = [
     "EVALS",
-    "PLANNED",
     "EvalContext",
     "StreamingEval",
     "evaluate_rows",
     "run_evaluation",
+    "scalar_metrics",
     "select_rows",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -27,13 +27,24 @@ class SAELike(Protocol):
 @dataclass
 class EvalContext:
     """Everything an evaluation may read: the SAE, the rows it is evaluated on (and through ``rows.manifest`` the
-    data's provenance: model, hook, dataset), the device and the folder its plots go to."""
+    data's provenance: model, hook, dataset), the shard source that made them (for the language-model evals: a
+    :class:`~c2r.data.HarvestedShards` knows its model, hook and text), the device and the folder its plots go to.
+    """
 
     sae: SAELike
     rows: EvalRows
     device: torch.device
     plot_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
+    source: Any = None
+    _language_model: Any = field(default=None, repr=False)
+
+    def language_model(self) -> Any:
+        """The LM the rows were harvested from, loaded once and shared by every evaluation that needs it;
+        ``None`` when the source is not a language model (synthetic data, bare shard folders)."""
+        if self._language_model is None and hasattr(self.source, "load_model"):
+            self._language_model = self.source.load_model()
+        return self._language_model
 
 
 class StreamingEval(Protocol):
@@ -62,3 +73,26 @@ def nan_to_none(value: float) -> float | None:
     """JSON has no NaN: undefined values are written as null."""
     value = float(value)
     return None if value != value else value
+
+
+def scalar_metrics(result: dict) -> dict[str, float]:
+    """Every number of an ``eval.json`` as ``<eval>.<path>`` (e.g. ``core.fvu``, ``ground_truth.coverage``):
+    what sweep tables and loggers show. ``summary`` levels are dropped; settings, plot paths, lists and
+    per-item details are left out."""
+    flat = {}
+    for name in result.get("evals", []):
+        flat.update(_flatten_numbers(result.get(name, {}), name))
+    return flat
+
+
+def _flatten_numbers(values: dict, prefix: str) -> dict[str, float]:
+    flat = {}
+    for key, value in values.items():
+        if key in ("settings", "plots"):
+            continue
+        name = prefix if key == "summary" else f"{prefix}.{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten_numbers(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat

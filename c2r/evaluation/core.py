@@ -19,8 +19,8 @@ Over the N evaluated rows ``x`` with codes ``f = encode(x)`` (``[N, F]``) and re
   tiled exact search of C²R (never an F×F matrix); its mean, histogram and the share of latents above each of
   ``cos_thresholds``.
 
-The CE-loss score and KL score (downstream loss with the SAE spliced into the LM) need the language model; they
-belong to a separate evaluation that runs the LM (see ``c2r.evaluation.EVALS``) and are not computed here.
+The CE-loss score and KL score (downstream loss with the SAE spliced into the LM) need the language model: they
+are the ``ce_loss`` evaluation (:mod:`c2r.evaluation.ce_loss`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -36,7 +36,7 @@ def plot_core(directory: Path, max_cos: Tensor, frequencies: Tensor, result: dic
     right.set_ylabel("latents")
     right.set_title(f"latent usage: dead {result['dead_fraction']:.1%}, dense {result['dense_fraction']:.1%}")
     right.legend(loc="upper left")
-    return [_save(fig, directory / "eval_core.png")]
+    return [save_figure(fig, directory / "eval_core.png")]
 
 
 def plot_ground_truth(directory: Path, result: dict, per_feature: dict[str, Tensor]) -> list[Path]:
@@ -74,4 +74,29 @@ def plot_ground_truth(directory: Path, result: dict, per_feature: dict[str, Tens
     ax.set_xlabel("best decoder cosine of each ground-truth feature")
     ax.set_ylabel("features")
     ax.set_title(f"coverage {summary['coverage']:.1%}, MMCS {summary['mmcs'] or 0:.3f}")
-    return [_save(fig, directory / "eval_ground_truth.png")]
+    return [save_figure(fig, directory / "eval_ground_truth.png")]
+
+
+def plot_first_letter(directory: Path, result: dict) -> list[Path]:
+    """``eval_first_letter.png``: per kept letter, the absorption fraction and full-absorption rate, and the number
+    of split features."""
+    kept = {letter: row for letter, row in result["letters"].items() if row["kept"]}
+    letters = list(kept)
+    x = np.arange(len(letters))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    width = 0.4
+    for offset, (name, label) in enumerate(
+        (("absorption_fraction", "absorption fraction"), ("full_absorption_rate", "full-absorption rate"))
+    ):
+        values = [np.nan if kept[letter][name] is None else kept[letter][name] for letter in letters]
+        left.bar(x + (offset - 0.5) * width, values, width, label=label)
+    left.set_xticks(x, letters)
+    left.set_ylim(0, 1)
+    left.set_title(f"absorption per letter ({len(letters)} of 26 with probe F1 > {result['settings']['min_probe_f1']})")
+    left.legend(fontsize=7)
+    right.bar(x, [kept[letter]["split_features"] for letter in letters], color="tab:green")
+    right.set_xticks(x, letters)
+    right.set_ylabel("latents")
+    right.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    right.set_title("split features (k-sparse probing, F1-jump rule)")
+    return [save_figure(fig, directory / "eval_first_letter.png")]

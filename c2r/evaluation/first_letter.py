@@ -1,0 +1,503 @@
+"""First-letter absorption and feature splitting on the language model, after SAEBench's absorption eval
+(Chanin et al., "A is for Absorption"), sized for CPUs.
+
+Data (needs the LM the shards came from; skipped with a note on synthetic data):
+
+- words: the tokens that decode to ASCII letters, optionally after one leading space (SAEBench's vocabulary:
+  `` cat``, ``ing``, ``A`` all count), a seeded subsample of ``words`` of them, split by word into train and test
+  (``test_fraction``);
+- prompts: ``"\\n"`` + ``icl_examples`` lines ``"{example} has the first letter: {E}"`` (examples drawn, seeded, from
+  the same split, never the word itself) + ``"\\n{word} has the first letter:"``, after the harvest's start token;
+  the activation at the hook is read at the word's token (SAEBench's position −6). A word whose token does not
+  come back intact when the prompt is tokenised is dropped (counted in ``words_dropped``);
+- ground-truth probe: one-vs-rest logistic regression over the 26 first letters on the train activations
+  (:func:`~c2r.evaluation.first_letter_metrics.train_linear_probe`, SAEBench's settings); a letter's **probe F1**
+  is its test-split F1 (logit > 0), and only letters with probe F1 > ``min_probe_f1`` are evaluated.
+
+The activations and the probe are cached per (model identity and dtype, hook, start token and every setting
+above) in ``<cache_dir>/probes/first_letter_<key>.safetensors`` (written atomically), so the LM runs once and
+each further SAE costs seconds.
+
+Metrics, for each kept letter ℓ (the SAE's codes ``f`` of the same activations):
+
+- **split features** (k-sparse probing): an L1-penalised one-vs-rest probe on the train codes ranks the latents by
+  their (signed) weight for ℓ; for k = 1 … ``max_k`` a class-balanced logistic regression on the k top latents
+  gives a test F1; the number of split features is the k where the F1-jump rule stops (k grows while F1 rises by
+  more than ``f1_jump``, :func:`~c2r.evaluation.first_letter_metrics.split_count`); those k latents are ℓ's *main
+  latents*;
+- on the test words of ℓ that the probe gets right (logit > 0), **absorption fraction** and **full absorption**
+  (:func:`~c2r.evaluation.first_letter_metrics.word_absorption`, SAEBench's thresholds): per letter the mean
+  absorption fraction and the full-absorption rate (share of those words fully absorbed).
+
+Summary: the means over kept letters of the absorption fraction, full-absorption rate and split features; null (with
+a note) when fewer than ``min_letters`` letters are kept. The README lists every setting that differs from SAEBench.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+from c2r.data.lm import LanguageModel, hook_activations, model_identity
+from c2r.data.shards import atomic_write
+from c2r.data.text import token_id
+from c2r.evaluation.base import EvalContext
+from c2r.evaluation.data import RowBatch
+from c2r.evaluation.first_letter_metrics import (
+    f1_score,
+    sparse_probe_f1s,
+    split_count,
+    train_linear_probe,
+    word_absorption,
+)
+
+LETTERS = string.ascii_lowercase
+# Bump when the same settings would give different cached activations or probes.
+PROBE_CACHE_VERSION = 1
+
+
+class FirstLetterError(ValueError):
+    """Settings or a model that the first-letter evaluation cannot use, with what is wrong and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Words and prompts
+# --------------------------------------------------------------------------------------------------
+
+
+def alphabetic_tokens(tokenizer: Any) -> list[tuple[int, str]]:
+    """``(token id, text)`` of every token whose text is ASCII letters, optionally after one leading space
+    (SAEBench's rule); special tokens are left out, and of tokens with the same text the first is kept."""
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    found: dict[str, int] = {}
+    for tid, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])):
+        core = text[1:] if text.startswith(" ") else text
+        if core and core.isascii() and core.isalpha():
+            found.setdefault(text, tid)
+    return [(tid, text) for text, tid in found.items()]
+
+
+def first_letter_of(word: str) -> str:
+    """The lower-case first letter of a vocabulary word (leading space ignored)."""
+    return word.strip()[0].lower()
+
+
+def icl_prompt(word: str, examples: list[str], template: str) -> str:
+    """SAEBench's in-context prompt: one line per example with its answer (`` E``), then the word's line without
+    the answer; every line starts with a newline."""
+    lines = [f"{template.format(word=e)} {first_letter_of(e).upper()}" for e in examples]
+    return "".join(f"\n{line}" for line in [*lines, template.format(word=word)])
+
+
+@dataclass
+class Prompts:
+    """Token ids of the prompts of one split; the word token sits at ``word_position`` (negative) in each."""
+
+    words: list[str]
+    tokens: list[list[int]]
+    word_position: int
+
+
+def build_prompts(
+    tokenizer: Any,
+    vocabulary: list[tuple[int, str]],
+    *,
+    template: str,
+    icl_examples: int,
+    start_id: int | None,
+    rng: random.Random,
+) -> tuple[Prompts, int]:
+    """Prompts for ``vocabulary`` with examples drawn from it; returns them and how many words were dropped
+    because their token did not survive tokenisation of the prompt."""
+    after = template.split("{word}")[-1]
+    if template.count("{word}") != 1 or not after:
+        raise FirstLetterError(
+            f"template must contain {{word}} exactly once, followed by text (SAEBench: '{{word}} has the first "
+            f"letter:'), got {template!r}"
+        )
+    suffix = tokenizer(after, add_special_tokens=False)["input_ids"]
+    word_position = -len(suffix) - 1
+    texts = [text for _, text in vocabulary]
+    n_examples = min(icl_examples, len(texts) - 1)
+    words, tokens, dropped = [], [], 0
+    for tid, text in vocabulary:
+        examples = [w for w in rng.sample(texts, n_examples + 1) if w != text][:n_examples]
+        ids = tokenizer(icl_prompt(text, examples, template), add_special_tokens=False)["input_ids"]
+        ids = ([start_id] if start_id is not None else []) + list(ids)
+        if len(ids) < len(suffix) + 1 or ids[word_position] != tid or ids[word_position + 1 :] != suffix:
+            dropped += 1
+            continue
+        words.append(text)
+        tokens.append(ids)
+    return Prompts(words, tokens, word_position), dropped
+
+
+def word_activations(lm: LanguageModel, hook: str, prompts: Prompts, batch_size: int) -> Tensor:
+    """``[len(prompts.words), d]`` float32 activations at ``hook`` on each prompt's word token. Prompts of equal
+    length are batched together (no padding, so no attention mask is needed). Built outside inference mode, so
+    the result is an ordinary tensor that probes can train on."""
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts.tokens):
+        by_length.setdefault(len(ids), []).append(i)
+    rows: dict[int, Tensor] = {}
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            tokens = torch.tensor([prompts.tokens[i] for i in chunk], dtype=torch.long)
+            acts = hook_activations(lm, tokens, hook)[:, prompts.word_position].float().cpu()
+            rows.update(zip(chunk, acts))
+    return torch.stack([rows[i] for i in range(len(prompts.tokens))])
+
+
+# --------------------------------------------------------------------------------------------------
+# The ground-truth probe and its data, cached
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LetterProbe:
+    """Word activations of both splits, their first letters (0-25) and the ground-truth probe."""
+
+    train_words: list[str]
+    test_words: list[str]
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    weight: Tensor  # [26, d]
+    bias: Tensor  # [26]
+    words_dropped: int
+
+    def test_logits(self) -> Tensor:
+        return self.x_test @ self.weight.T + self.bias
+
+    def f1s(self) -> list[float]:
+        """Each letter's probe F1 on the test split (predicting the letter where its logit is > 0)."""
+        logits = self.test_logits()
+        return [f1_score(logits[:, c] > 0, self.y_test == c) for c in range(len(LETTERS))]
+
+    def tensors(self) -> dict[str, Tensor]:
+        names = ("x_train", "y_train", "x_test", "y_test", "weight", "bias")
+        return {name: getattr(self, name).contiguous() for name in names}
+
+
+def letter_labels(words: list[str]) -> Tensor:
+    """The first letter of each word as a class index 0-25."""
+    return torch.tensor([LETTERS.index(first_letter_of(w)) for w in words], dtype=torch.long)
+
+
+def build_letter_probe(
+    lm: LanguageModel,
+    hook: str,
+    *,
+    start_id: int | None,
+    words: int,
+    seed: int,
+    test_fraction: float,
+    icl_examples: int,
+    template: str,
+    batch_size: int,
+    probe: dict[str, Any],
+) -> LetterProbe:
+    """Sample the words, run the LM on their prompts and train the ground-truth probe (see the module docstring)."""
+    vocabulary = alphabetic_tokens(lm.tokenizer)
+    rng = random.Random(seed)
+    vocabulary = rng.sample(vocabulary, min(words, len(vocabulary)))
+    n_test = round(len(vocabulary) * test_fraction)
+    if n_test < 1 or len(vocabulary) - n_test < 2:
+        raise FirstLetterError(
+            f"{len(vocabulary)} alphabetic words with test_fraction={test_fraction} leave no train or test words; "
+            "raise words (or pick a model whose tokenizer has whole-word tokens)"
+        )
+    splits = {"train": vocabulary[n_test:], "test": vocabulary[:n_test]}
+    data, dropped = {}, 0
+    for name, split in splits.items():
+        prompts, lost = build_prompts(
+            lm.tokenizer, split, template=template, icl_examples=icl_examples, start_id=start_id, rng=rng
+        )
+        if not prompts.words:
+            raise FirstLetterError(
+                f"no {name} word kept its token inside the prompt ({lost} dropped): the template {template!r} "
+                f"does not tokenise as expected for {lm.name}; use a template whose text after {{word}} starts "
+                "with a space"
+            )
+        dropped += lost
+        data[name] = (prompts.words, word_activations(lm, hook, prompts, batch_size))
+    (train_words, x_train), (test_words, x_test) = data["train"], data["test"]
+    y_train = letter_labels(train_words)
+    weight, bias = train_linear_probe(x_train, y_train, len(LETTERS), seed=seed, **probe)
+    return LetterProbe(
+        train_words, test_words, x_train, y_train, x_test, letter_labels(test_words), weight, bias, dropped
+    )
+
+
+def save_letter_probe(path: Path, letter_probe: LetterProbe, key: dict[str, Any]) -> None:
+    """Write the probe and its data as one safetensors file (words and cache key in its metadata), atomically."""
+    metadata = {
+        "key": json.dumps(key, sort_keys=True),
+        "train_words": json.dumps(letter_probe.train_words),
+        "test_words": json.dumps(letter_probe.test_words),
+        "words_dropped": str(letter_probe.words_dropped),
+    }
+    payload = save(letter_probe.tensors(), metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(payload))
+
+
+def load_letter_probe(path: Path) -> LetterProbe:
+    """Read what :func:`save_letter_probe` wrote."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    return LetterProbe(
+        json.loads(metadata["train_words"]),
+        json.loads(metadata["test_words"]),
+        words_dropped=int(metadata["words_dropped"]),
+        **load_file(path),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+class FirstLetterEval:
+    """SAEBench-style first-letter absorption and splitting (see the module docstring). Ignores the streamed rows:
+    all the work happens in :meth:`finalize`. ``lm`` is only used when the probe is not cached yet."""
+
+    name = "first_letter"
+
+    def __init__(
+        self,
+        ctx: EvalContext,
+        lm: LanguageModel | None,
+        *,
+        words: int = 2000,
+        seed: int = 0,
+        test_fraction: float = 0.2,
+        icl_examples: int = 2,
+        template: str = "{word} has the first letter:",
+        batch_size: int = 64,
+        probe_epochs: int = 50,
+        probe_batch_size: int = 64,
+        probe_lr: float = 1e-2,
+        probe_weight_decay: float = 1e-4,
+        min_probe_f1: float = 0.6,
+        min_letters: int = 1,
+        max_k: int = 10,
+        f1_jump: float = 0.03,
+        sparse_l1: float = 0.01,
+        sparse_epochs: int = 50,
+        sparse_batch_size: int = 256,
+        sparse_lr: float = 1e-2,
+        sparse_weight_decay: float = 1e-6,
+        full_absorption_cos: float = 0.025,
+        absorber_cos: float = 0.1,
+        projection_share: float = 0.4,
+        max_absorbers: int = 3,
+    ) -> None:
+        if not 0 < test_fraction < 1:
+            raise FirstLetterError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        if max_k < 1 or words < 3 or icl_examples < 0:
+            raise FirstLetterError(
+                f"need max_k >= 1, words >= 3 and icl_examples >= 0; got {max_k}, {words} and {icl_examples}"
+            )
+        self.ctx, self.lm, self.source = ctx, lm, ctx.source
+        self.data_settings = {
+            "words": int(words),
+            "seed": int(seed),
+            "test_fraction": float(test_fraction),
+            "icl_examples": int(icl_examples),
+            "template": str(template),
+        }
+        self.probe_settings = {
+            "epochs": int(probe_epochs),
+            "batch_size": int(probe_batch_size),
+            "lr": float(probe_lr),
+            "weight_decay": float(probe_weight_decay),
+        }
+        self.sparse_settings = {
+            "l1": float(sparse_l1),
+            "epochs": int(sparse_epochs),
+            "batch_size": int(sparse_batch_size),
+            "lr": float(sparse_lr),
+            "weight_decay": float(sparse_weight_decay),
+        }
+        self.absorption_settings = {
+            "full_absorption_cos": float(full_absorption_cos),
+            "absorber_cos": float(absorber_cos),
+            "projection_share": float(projection_share),
+            "max_absorbers": int(max_absorbers),
+        }
+        self.batch_size = int(batch_size)
+        self.min_probe_f1, self.min_letters = float(min_probe_f1), int(min_letters)
+        self.max_k, self.f1_jump = int(max_k), float(f1_jump)
+
+    def update(self, batch: RowBatch, acts: Tensor, recon: Tensor) -> None:
+        """Nothing to do per batch: this evaluation runs its own prompts through the LM."""
+
+    # ---- the probe ---------------------------------------------------------------------------------
+    def cache_key(self) -> dict[str, Any]:
+        """Everything that changes the cached activations or probe (not ``batch_size``: speed only)."""
+        return {
+            "version": PROBE_CACHE_VERSION,
+            "model": model_identity(self.source.model, self.source.model_revision),
+            "model_dtype": self.source.model_dtype,
+            "hook": self.source.hook,
+            "context_start": self.source.context_start,
+            **self.data_settings,
+            "probe": self.probe_settings,
+        }
+
+    def probe_path(self) -> Path:
+        digest = hashlib.sha256(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:16]
+        return Path(self.source.cache_dir) / "probes" / f"first_letter_{digest}.safetensors"
+
+    def letter_probe(self) -> tuple[LetterProbe, bool]:
+        """The cached probe and data, or new ones (then cached); also whether it came from the cache."""
+        path = self.probe_path()
+        if path.is_file():
+            return load_letter_probe(path), True
+        if self.lm is None:
+            raise FirstLetterError(f"no cached probe at {path} and no language model to build one: pass the LM")
+        made = build_letter_probe(
+            self.lm,
+            self.source.hook,
+            start_id=token_id(self.lm.tokenizer, self.source.context_start),
+            batch_size=self.batch_size,
+            probe=self.probe_settings,
+            **self.data_settings,
+        )
+        save_letter_probe(path, made, self.cache_key())
+        return made, False
+
+    # ---- the SAE -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: Tensor, chunk: int = 4096) -> Tensor:
+        device = self.ctx.device
+        return torch.cat([self.ctx.sae.encode(part.to(device)).float().cpu() for part in x.split(chunk)])
+
+    def finalize(self) -> dict:
+        letter_probe, cached = self.letter_probe()
+        probe_f1 = letter_probe.f1s()
+        kept = [c for c, f1 in enumerate(probe_f1) if f1 > self.min_probe_f1]
+        train_codes, test_codes = self.encode(letter_probe.x_train), self.encode(letter_probe.x_test)
+        ranking, _ = train_linear_probe(
+            train_codes, letter_probe.y_train, len(LETTERS), seed=self.data_settings["seed"], **self.sparse_settings
+        )
+        test_logits = letter_probe.test_logits()
+        max_k = min(self.max_k, train_codes.shape[1])
+        letters: dict[str, dict] = {}
+        for c, letter in enumerate(LETTERS):
+            row: dict[str, Any] = {"probe_f1": probe_f1[c], "kept": c in kept}
+            if c in kept:
+                row.update(self.letter_metrics(c, letter_probe, train_codes, test_codes, test_logits, ranking, max_k))
+            letters[letter] = row
+        result = self.summary(letters, kept)
+        result.update(
+            letters=letters,
+            probe={
+                "cached": cached,
+                "path": str(self.probe_path()),
+                "train_words": len(letter_probe.train_words),
+                "test_words": len(letter_probe.test_words),
+                "words_dropped": letter_probe.words_dropped,
+            },
+            settings={
+                **self.data_settings,
+                "probe": self.probe_settings,
+                "min_probe_f1": self.min_probe_f1,
+                "min_letters": self.min_letters,
+                "max_k": self.max_k,
+                "f1_jump": self.f1_jump,
+                "sparse_probe": self.sparse_settings,
+                **self.absorption_settings,
+            },
+        )
+        if self.ctx.plot_dir is not None and kept:
+            from c2r.evaluation.plots import plot_first_letter
+
+            result["plots"] = [p.name for p in plot_first_letter(self.ctx.plot_dir, result)]
+        return result
+
+    def letter_metrics(
+        self,
+        c: int,
+        letter_probe: LetterProbe,
+        train_codes: Tensor,
+        test_codes: Tensor,
+        test_logits: Tensor,
+        ranking: Tensor,
+        max_k: int,
+    ) -> dict[str, Any]:
+        """Split features, main latents and absorption of letter ``c``."""
+        ranked = ranking[c].topk(max_k).indices
+        f1s = sparse_probe_f1s(
+            train_codes, letter_probe.y_train == c, test_codes, letter_probe.y_test == c, ranked
+        )
+        splits = split_count(f1s, self.f1_jump)
+        main = ranked[:splits]
+        found = (letter_probe.y_test == c) & (test_logits[:, c] > 0)
+        fraction, full = word_absorption(
+            letter_probe.x_test[found].to(self.ctx.device),
+            test_codes[found].to(self.ctx.device),
+            self.ctx.sae.W_dec,
+            letter_probe.weight[c],
+            main,
+            **self.absorption_settings,
+        )
+        return {
+            "split_features": splits,
+            "main_latents": main.tolist(),
+            "sparse_probe_f1": f1s,
+            "probe_true_positives": int(found.sum()),
+            "absorption_fraction": float(fraction.mean()) if len(fraction) else None,
+            "full_absorption_rate": float(full.double().mean()) if len(full) else None,
+            "full_absorptions": int(full.sum()),
+        }
+
+    def summary(self, letters: dict[str, dict], kept: list[int]) -> dict[str, Any]:
+        """Means over the kept letters (null, with a note, when fewer than ``min_letters`` are kept)."""
+        dropped = [letter for c, letter in enumerate(LETTERS) if c not in kept]
+        summary: dict[str, Any] = {"letters_kept": len(kept), "dropped_letters": dropped}
+        enough = len(kept) >= max(self.min_letters, 1)
+        if dropped:
+            self.ctx.notes.append(
+                f"first_letter: {len(dropped)} letters dropped, their probe F1 is <= {self.min_probe_f1}: "
+                f"{''.join(dropped)}"
+            )
+        if not enough:
+            self.ctx.notes.append(
+                f"first_letter: only {len(kept)} of 26 letters have a probe F1 > {self.min_probe_f1} "
+                f"(min_letters={self.min_letters}), so no means are reported; the model does not represent first "
+                "letters well at this hook (SAEBench recommends models of >= 2B parameters)"
+            )
+        for key in ("absorption_fraction", "full_absorption_rate", "split_features"):
+            values = [letters[LETTERS[c]][key] for c in kept if letters[LETTERS[c]][key] is not None]
+            summary[key] = sum(values) / len(values) if enough and values else None
+        kept_f1 = [letters[LETTERS[c]]["probe_f1"] for c in kept]
+        summary["probe_f1_mean_kept"] = sum(kept_f1) / len(kept_f1) if kept_f1 else None
+        return summary
+
+
+def first_letter_eval(ctx: EvalContext, **settings) -> FirstLetterEval | None:
+    """Factory of the ``first_letter`` evaluation: ``None`` (with a note) when the rows do not come from an LM."""
+    lm = ctx.language_model()
+    if lm is None:
+        ctx.notes.append(
+            "first_letter skipped: the rows do not come from a language model (it needs the LM and hook that "
+            "produced them); use an LM data config such as data=smollm2"
+        )
+        return None
+    return FirstLetterEval(ctx, lm, **settings)
