@@ -8,7 +8,11 @@ import os
 from pathlib import Path
 
 import wandb
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import Logger, WandbLogger
+
+from c2r.evaluation import scalar_metrics
 
 
 def wandb_credentials_available() -> bool:
@@ -21,16 +25,20 @@ def wandb_credentials_available() -> bool:
         return False
 
 
-def wandb_logger(project: str, save_dir: str, name: str | None = None, **kwargs) -> WandbLogger:
+def wandb_logger(
+    project: str, save_dir: str, name: str | None = None, group: str | None = None, **kwargs
+) -> WandbLogger:
     """A W&B logger that runs offline (into ``save_dir``) when no credentials are set, instead of prompting for
     a key or failing. A ``WANDB_MODE`` set in the environment (e.g. ``disabled``) always wins: Lightning's
-    ``offline=True`` would overwrite it."""
+    ``offline=True`` would overwrite it. ``group`` defaults to the sweep folder for the jobs of a multirun, so
+    a sweep is one W&B group (relaunched jobs land in the same group and, by :func:`run_id`, the same run)."""
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     offline = "WANDB_MODE" not in os.environ and not wandb_credentials_available()
     return WandbLogger(
         project=project,
         save_dir=save_dir,
         name=name or None,
+        group=group or sweep_group(),
         offline=offline,
         id=run_id(save_dir),
         resume="allow",
@@ -38,9 +46,30 @@ def wandb_logger(project: str, save_dir: str, name: str | None = None, **kwargs)
     )
 
 
+def sweep_group() -> str | None:
+    """The sweep folder of the running multirun job (``hydra.sweep.dir``), ``None`` for a single run."""
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    return str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
+
+
 def run_id(run_dir: str | Path) -> str:
     """A W&B run id derived from the run folder, so a relaunched (resumed) job logs into the same W&B run."""
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def log_evaluation(logger: Logger, result: dict, directory: str | Path, step: int) -> None:
+    """The end-of-training evaluation (what ``eval.json`` in ``directory`` holds) as ``eval/<eval>.<metric>``
+    metrics for every logger; W&B also gets them as run summary (sortable in the runs table), one
+    ``eval/table`` and the plots."""
+    scalars = {f"eval/{name}": value for name, value in scalar_metrics(result).items()}
+    logger.log_metrics(scalars, step=step)
+    if isinstance(logger, WandbLogger):
+        logger.experiment.summary.update(scalars)
+        table = wandb.Table(columns=["metric", "value"], data=[[name, value] for name, value in scalars.items()])
+        plots = [path for name in result.get("evals", []) for path in result.get(name, {}).get("plots", [])]
+        logger.experiment.log({"eval/table": table, **{f"eval/{Path(p).stem}": wandb.Image(str(Path(directory) / p)) for p in plots}})
 
 
 def finish_logging(logger: Logger, final_metrics: dict[str, float]) -> None:

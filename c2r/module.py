@@ -52,6 +52,8 @@ class SAEModule(L.LightningModule):
         self.decay_fraction = decay_fraction
         self.total_steps = total_steps
         self.val_stats = ReconstructionStats()
+        self.val_firing_counts: Tensor | None = None
+        self.val_firing_frequency: Tensor | None = None  # [F], over the last validation pass (all ranks)
         # Checkpointed with the weights (also the only progress a ddp_spawn run hands back to its parent).
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
 
@@ -68,7 +70,7 @@ class SAEModule(L.LightningModule):
                 )
             weight = regularizer.weight(step)
             if weight:
-                terms[name] = (regularizer(out.acts, self.sae.W_dec, step), weight)
+                terms[name] = (regularizer(out.codes, self.sae.W_dec, step), weight)
         return terms, out
 
     def log_regularizer_metrics(self) -> None:
@@ -113,10 +115,13 @@ class SAEModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.val_stats = ReconstructionStats()
+        self.val_firing_counts = None
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         out = self.sae(batch)
         self.val_stats.update(batch, out.recon, out.acts)
+        fired = (out.acts != 0).sum(dim=0)
+        self.val_firing_counts = fired if self.val_firing_counts is None else self.val_firing_counts + fired
 
     def on_validation_epoch_end(self) -> None:
         if self.val_stats.sums is None:
@@ -124,6 +129,8 @@ class SAEModule(L.LightningModule):
         sums = self.trainer.strategy.reduce(self.val_stats.sums, reduce_op="sum")
         for name, value in ReconstructionStats.compute(sums).items():
             self.log(f"val/{name}", value.float(), sync_dist=False, rank_zero_only=False)
+        counts = self.trainer.strategy.reduce(self.val_firing_counts.double(), reduce_op="sum")
+        self.val_firing_frequency = counts / sums[0]
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.betas)

@@ -18,11 +18,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from c2r.callbacks import LatentHistograms, TokensPerSecond
 from c2r.checkpointing import FinalAndPeriodicCheckpoint, training_plugins
 from c2r.data import ActivationDataModule
 from c2r.evaluate import evaluate_run
 from c2r.export import export_sae
-from c2r.loggers import finish_logging
+from c2r.loggers import finish_logging, log_evaluation
 from c2r.module import SAEModule
 from c2r.regularizers import Regularizer
 
@@ -101,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         max_steps=max_steps,
         check_val_every_n_epoch=None,
         logger=logger,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, TokensPerSecond(), LatentHistograms()],
         plugins=training_plugins(),
         use_distributed_sampler=False,  # the DataModule splits blocks across ranks itself (DESIGN.md §3)
         default_root_dir=run_dir,
@@ -131,7 +132,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             model_name=provenance.get("model", ""),
         )
         if cfg.evaluation:  # before metrics.json, which marks the job finished
-            evaluate_run(run_dir, cfg, **OmegaConf.to_container(cfg.evaluation, resolve=True))
+            evaluation = evaluate_run(run_dir, cfg, **OmegaConf.to_container(cfg.evaluation, resolve=True))
+            if logger:
+                log_evaluation(logger, evaluation, run_dir, step=trainer.global_step)
         temporary = metrics_path.with_suffix(".tmp")
         temporary.write_text(json.dumps(metrics, indent=2))
         temporary.replace(metrics_path)

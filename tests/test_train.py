@@ -47,13 +47,15 @@ def test_training_with_c2r_reaches_low_fvu_too(compose_train):
     assert metrics["fvu"] < 0.1, metrics
 
 
-def test_ddp_spawn_on_two_cpu_processes(tmp_path):
-    run_dir = tmp_path / "ddp"
+def test_ddp_spawn_sweep_job_on_two_cpu_processes(tmp_path):
+    write_tiny_sweep_config(tmp_path)
+    sweep_dir = tmp_path / "sweep"
     result = run_cli(
-        "c2r.train", *TINY, "hardware=ddp_cpu", "regularizer=c2r", "train_tokens=1920", f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
+        "c2r.train", "--config-dir", str(tmp_path), "--config-name", "tiny_grid", "-m", "hardware=ddp_cpu",
+        "train_tokens=1920", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [path.parent for path in sweep_dir.glob("*/metrics.json")]  # one job, one folder for both ranks
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 15  # each process takes 64-row halves of the 128-row global batch
     # The last checkpoint holds the final step even though 15 is not a multiple of checkpoint_every=10.
@@ -77,6 +79,12 @@ def test_multirun_grid_gives_one_folder_per_job(tmp_path):
         "dict_size=64,regularizer.coef=0",
         "dict_size=64,regularizer.coef=0.5",
     ]
+    report = run_cli("c2r.report", str(sweep_dir), cwd=tmp_path)
+    assert report.returncode == 0 and "4 of 4 jobs finished" in report.stdout, report.stderr[-3000:]
+    table = (sweep_dir / "report.csv").read_text().splitlines()
+    assert len(table) == 5 and table[0].startswith("job,status,model,regularizer,coef,dict_size")
+    for plot in ("report_pareto.png", "report_coef.png"):  # synthetic data: ground-truth splitting vs coef
+        assert (sweep_dir / plot).is_file()
 
 
 # --- bad input: a clear error before any compute ---------------------------------------------------------------
