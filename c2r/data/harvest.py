@@ -29,7 +29,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import re
 import shutil
 import time
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 from c2r.data.lm import LanguageModel, check_hook, hook_activations, load_model, model_identity
-from c2r.data.shards import MANIFEST_NAME, Manifest, ShardWriter, atomic_write
+from c2r.data.shards import MANIFEST_NAME, Manifest, ShardWriter, atomic_write, check_shard_split
 from c2r.data.text import TextSource, pack_contexts, shuffle_buffer, token_id, tokenize_documents
 
 log = logging.getLogger(__name__)
@@ -152,17 +151,9 @@ class HarvestedShards:
             raise HarvestError(f"batch_size (contexts per forward pass) must be >= 1, got {self.batch_size}")
         if self.dtype not in ("float32", "float16"):
             raise HarvestError(f"dtype (shard storage) must be float32 or float16, got {self.dtype!r}")
-        if self.rows_per_shard < 1 or self.val_shards < 0:
-            raise HarvestError(
-                f"need rows_per_shard >= 1 and val_shards >= 0, got {self.rows_per_shard}, {self.val_shards}"
-            )
-        if self.tokens <= self.val_shards * self.rows_per_shard:
-            raise HarvestError(
-                f"tokens={self.tokens} rows fill at most {math.ceil(self.tokens / self.rows_per_shard)} shard(s) "
-                f"of rows_per_shard={self.rows_per_shard}, not enough for {self.val_shards} validation shard(s) "
-                f"plus a training shard: raise tokens to at least {(self.val_shards + 1) * self.rows_per_shard} "
-                "or lower rows_per_shard"
-            )
+        check_shard_split(
+            self.tokens, self.rows_per_shard, self.val_shards, rows_key="tokens", error=HarvestError
+        )
         if self.outlier_norm is not None and self.outlier_norm <= 1:
             raise HarvestError(
                 f"outlier_norm={self.outlier_norm} would drop ordinary rows (it is a multiple of the median "

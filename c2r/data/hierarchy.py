@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from c2r.data.cache import generate_once
-from c2r.data.shards import ShardWriter, shard_name
-from c2r.data.synthetic import FEATURES_FILE, _derived_seed
+from c2r.data.shards import ShardWriter, check_shard_split, shard_name
+from c2r.data.synthetic import FEATURES_FILE, _derived_seed, check_magnitudes
 
 GENERATOR_VERSION = 1
 PARENTS_FILE = "parents.npy"
@@ -210,23 +210,12 @@ class HierarchicalShards:
             raise ValueError(f"correlation must be in [0, 1), got {self.correlation}")
         if self.correlation_group_size < 2 and self.correlation > 0:
             raise ValueError(f"correlation_group_size must be >= 2, got {self.correlation_group_size}")
-        if not 0 < self.magnitude_min <= self.magnitude_max:
-            raise ValueError(
-                f"need 0 < magnitude_min <= magnitude_max, got {self.magnitude_min}, {self.magnitude_max}"
-            )
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        check_magnitudes(self.magnitude_min, self.magnitude_max, self.noise_std)
         if self.orthogonal and self.n_features > self.d:
             raise ValueError(
                 f"orthogonal=true needs n_features <= d, but there are {self.n_features} features in d={self.d}"
             )
-        if self.rows_per_shard < 1 or self.val_shards < 0:
-            raise ValueError(f"need rows_per_shard >= 1 and val_shards >= 0, got {self.rows_per_shard}, {self.val_shards}")
-        if self.rows < 1 or self.n_shards <= self.val_shards:
-            raise ValueError(
-                f"rows={self.rows} make {self.n_shards} shard(s) of {self.rows_per_shard} rows, not enough for "
-                f"{self.val_shards} validation shard(s) plus a training shard"
-            )
+        check_shard_split(self.rows, self.rows_per_shard, self.val_shards)
 
     # ---- identity ----------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

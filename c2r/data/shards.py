@@ -37,6 +37,22 @@ _CREATE_HINT = (
 )
 
 
+def check_shard_split(
+    rows: int, rows_per_shard: int, val_shards: int, *, rows_key: str = "rows", error: type[ValueError] = ValueError
+) -> None:
+    """Refuse a shard layout that leaves no training shard: ``rows`` rows cut into shards of ``rows_per_shard``,
+    the last ``val_shards`` held out. Every shard source checks its settings with this before any work;
+    ``rows_key`` names the setting in the message, ``error`` is the source's own error type."""
+    if rows_per_shard < 1 or val_shards < 0:
+        raise error(f"need rows_per_shard >= 1 and val_shards >= 0, got {rows_per_shard}, {val_shards}")
+    if rows <= val_shards * rows_per_shard:
+        raise error(
+            f"{rows_key}={rows} rows fill at most {max(0, math.ceil(rows / rows_per_shard))} shard(s) of "
+            f"rows_per_shard={rows_per_shard}, not enough for {val_shards} validation shard(s) plus a training "
+            f"shard: raise {rows_key} to at least {(val_shards + 1) * rows_per_shard} or lower rows_per_shard"
+        )
+
+
 def shard_name(index: int) -> str:
     """File name of shard ``index`` (zero-padded so that names sort in write order)."""
     return f"shard_{index:05d}.npy"

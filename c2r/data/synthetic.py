@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from c2r.data.cache import generate_once
-from c2r.data.shards import Manifest, ShardWriter
+from c2r.data.shards import Manifest, ShardWriter, check_shard_split
 
 # Bump when the generated numbers change for the same parameters, so old caches are not reused.
 GENERATOR_VERSION = 1
@@ -27,6 +27,17 @@ FEATURES_FILE = "features.npy"
 def _derived_seed(*parts: int) -> int:
     """A 64-bit seed from several integers, so e.g. (seed, shard) streams never overlap."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
+
+
+def check_magnitudes(magnitude_min: float, magnitude_max: float, noise_std: float) -> None:
+    """The settings every synthetic generator shares: active features' magnitude range and the noise level."""
+    if not 0 < magnitude_min <= magnitude_max:
+        raise ValueError(
+            "need 0 < magnitude_min <= magnitude_max (a zero magnitude would make an 'active' "
+            f"feature invisible), got {magnitude_min}, {magnitude_max}"
+        )
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
 
 
 class SyntheticShards:
@@ -75,26 +86,10 @@ class SyntheticShards:
                 f"l0 must be between 1 and n_features={self.n_features} (each row has exactly l0 "
                 f"distinct active features), got l0={self.l0}"
             )
-        if self.rows_per_shard < 1 or self.val_shards < 0:
-            raise ValueError(
-                f"need rows_per_shard >= 1 and val_shards >= 0, got {self.rows_per_shard}, {self.val_shards}"
-            )
-        n_shards = -(-self.rows // self.rows_per_shard) if self.rows > 0 else 0
-        if n_shards <= self.val_shards:
-            raise ValueError(
-                f"rows={self.rows} make {n_shards} shard(s) of rows_per_shard={self.rows_per_shard}, "
-                f"not enough for {self.val_shards} validation shard(s) plus a training shard; use "
-                f"rows >= {(self.val_shards + 1) * self.rows_per_shard} or a smaller rows_per_shard"
-            )
+        check_shard_split(self.rows, self.rows_per_shard, self.val_shards)
         if self.zipf_exponent < 0:
             raise ValueError(f"zipf_exponent must be >= 0 (0 = uniform), got {self.zipf_exponent}")
-        if not 0 < self.magnitude_min <= self.magnitude_max:
-            raise ValueError(
-                "need 0 < magnitude_min <= magnitude_max (a zero magnitude would make an 'active' "
-                f"feature invisible), got {self.magnitude_min}, {self.magnitude_max}"
-            )
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        check_magnitudes(self.magnitude_min, self.magnitude_max, self.noise_std)
 
     # ---- identity ----------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
