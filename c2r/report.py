@@ -213,7 +213,8 @@ def plot_coefficients(jobs: Sequence[Job], path: Path, metrics: Sequence[str] | 
     """Coefficient vs every absorption / splitting metric (or ``metrics``), mean ± sd over seeds."""
     available = [c for c in columns_of(jobs) if any(c in job.metrics for job in jobs)]
     chosen = list(metrics) if metrics else [c for c in available if COEF_METRICS.search(c)]
-    chosen = [metric for metric in chosen if coefficient_series(jobs, metric)]
+    series = {metric: coefficient_series(jobs, metric) for metric in chosen}
+    chosen = [metric for metric in chosen if series[metric]]
     if not chosen:
         return None
     columns = min(3, len(chosen))
@@ -222,7 +223,7 @@ def plot_coefficients(jobs: Sequence[Job], path: Path, metrics: Sequence[str] | 
     coefs = sorted({job.settings["coef"] for job in jobs})
     positive = [c for c in coefs if c > 0]
     for axis, metric in zip(axes.flat, chosen):
-        for label, points in coefficient_series(jobs, metric).items():
+        for label, points in series[metric].items():
             x, mean, sd, _ = zip(*points)
             axis.errorbar(x, mean, yerr=sd, marker="o", capsize=3, label=label)
         if positive:  # λ spans decades and includes 0
