@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from c2r.regularizers import C2R, Regularizer, c2r_loss
-from c2r.regularizers.c2r import nearest_neighbors_chunked, nearest_neighbors_exact, pair_loss
+from c2r.geometry import nearest_neighbors_chunked, nearest_neighbors_exact
+from c2r.regularizers.c2r import pair_loss
 
 
 # ---------------------------------------------------------------- naive reference (float64, python loops)
@@ -205,7 +206,8 @@ def test_schedule():
 def test_defaults():
     module = C2R()
     assert (module.coef, module.alpha, module.interval, module.start_step) == (5.0, 1.0, 5, 0)
-    assert module.neighbor_search == "cached" and module.refresh_every == 100 and module.chunk_size == 8192
+    assert module.neighbor_search == "candidates" and module.candidates == 16 and module.refresh_every == 100
+    assert module.chunk_size == 8192 and not module.adaptive_refresh and module.audit_every == 0
 
 
 @pytest.mark.parametrize(
@@ -216,7 +218,14 @@ def test_defaults():
         (dict(start_step=-1), "start_step must be >= 0"),
         (dict(alpha=0), "alpha must be > 0"),
         (dict(alpha=-0.5), "alpha must be > 0"),
-        (dict(neighbor_search="global"), "choose one of 'exact', 'chunked'"),
+        (dict(neighbor_search="global"), "choose one of 'candidates', 'exact', 'chunked'"),
+        (dict(neighbor_search="cached"), "replaced by 'candidates'"),
+        (dict(candidates=0), "candidates must be >= 1"),
+        (dict(refresh_every=0), "1 <= refresh_every <= max_refresh_every"),
+        (dict(refresh_every=2000), "1 <= refresh_every <= max_refresh_every"),
+        (dict(target_recall=0), "target_recall must be in"),
+        (dict(refresh_precision="fp8"), "unknown C2R refresh_precision 'fp8'"),
+        (dict(audit_every=-1), "audit_every must be >= 0"),
         (dict(chunk_size=1), "chunk_size must be >= 2"),
         (dict(tile_size=0), "tile_size must be >= 1"),
     ],

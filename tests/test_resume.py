@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, run_cli, write_tiny_sweep_config
 
-# 160 steps with checkpoints every 20; C²R's cached neighbours refresh every 7 steps (checkpointed state too).
+# 160 steps with checkpoints every 20; C²R's candidate lists refresh every 7 steps (checkpointed state too).
 LONG_JOB = [*TINY, "train_tokens=20480", "checkpoint_every=20", "regularizer=c2r", "regularizer.coef=0.01",
             "regularizer.interval=2", "regularizer.refresh_every=7"]
 

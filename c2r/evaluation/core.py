@@ -32,7 +32,7 @@ from torch import Tensor
 from c2r.evaluation.base import EvalContext, histogram
 from c2r.evaluation.data import RowBatch
 from c2r.metrics import ReconstructionStats
-from c2r.regularizers.c2r import nearest_neighbors_exact
+from c2r.geometry import nearest_neighbors_exact
 
 
 def decoder_max_cosines(decoder_rows: Tensor, *, tile_size: int = 4096) -> Tensor:

@@ -1,4 +1,4 @@
-"""C²R, Cross-sample Consistency Regularization (DESIGN.md §1).
+"""C²R, Cross-sample Consistency Regularization (docs/design.md §1).
 
 For post-sparsity activations ``f [B, F]`` and decoder rows ``W [F, d]``::
 
@@ -8,44 +8,57 @@ For post-sparsity activations ``f [B, F]`` and decoder rows ``W [F, d]``::
 
 It is computed as one mechanism in two steps:
 
-1. a neighbour search without gradient that returns ``j`` as a LongTensor ``[F]``
-   (:func:`nearest_neighbors_exact`, :func:`nearest_neighbors_chunked`, dispatched by
-   :func:`find_neighbors`);
-2. :func:`pair_loss`, the differentiable loss on the gathered pairs ``(i, j(i))``, costing
-   O(F·d + B·F) on dense codes and O(F·d + B·k) on the selected entries of a k-sparse SAE
-   (:class:`~c2r.sae.SparseCodes`). Gradients reach ``f`` and both rows of each pair (through the normalisation); none
-   flow through the argmax.
+1. a neighbour search without gradient that returns ``j`` as a LongTensor ``[F]`` (:mod:`c2r.geometry`:
+   exact, the paper's chunks, or the best of each latent's candidate list);
+2. :func:`pair_loss`, the differentiable loss on the gathered pairs ``(i, j(i))``, costing O(F·d + B·F) on
+   dense codes and O(F·d + B·k) on the selected entries of a k-sparse SAE (:class:`~c2r.sae.SparseCodes`).
+   Gradients reach ``f`` and both rows of each pair (through the normalisation); none flow through the argmax.
 
-Convention for latents without a neighbour (F == 1, or a latent alone in its chunk): the search
-returns ``j(i) = i`` and :func:`pair_loss` sets ``s_i = 0`` wherever ``j(i) == i``, so such latents
-add 0 to the sum while still counting in the mean over F.
-
-Precision: the search and the loss run with autocast disabled in at least fp32 (bf16/fp16 inputs are
-upcast to fp32; fp64 inputs stay fp64), because a bf16 cosine matrix picks a different argmax for a
-sizeable share of rows. On CUDA, fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
+Latents without a neighbour (F == 1, or a latent alone in its chunk) get ``j(i) = i`` and :func:`pair_loss`
+sets ``s_i = 0`` there, so they add 0 to the sum while still counting in the mean over F. The loss runs with
+autocast disabled in at least fp32 (bf16/fp16 inputs are upcast; fp64 stays fp64).
 """
 
 from __future__ import annotations
 
-import contextlib
+from typing import Any
 
 import torch
 import torch.distributed.nn.functional as distributed_functional
 import torch.nn.functional as F
 from torch import Tensor
 
+from c2r.geometry import (
+    at_least_fp32,
+    best_candidates,
+    check_chunk_size,
+    check_tile_size,
+    full_precision,
+    nearest_neighbors_chunked,
+    nearest_neighbors_exact,
+    top_candidates,
+)
 from c2r.sae.base import SparseCodes
 
 from .base import Regularizer, step_generator
 
 NEIGHBOR_SEARCHES = ("exact", "chunked")
-"""Searches :func:`find_neighbors` runs; "chunked" is the paper's, "exact" the global argmax."""
+"""Stateless searches (:func:`find_neighbors`, :func:`c2r_loss`): "chunked" is the paper's, "exact" the global
+argmax."""
 
-C2R_NEIGHBOR_SEARCHES = (*NEIGHBOR_SEARCHES, "cached")
-"""What :class:`C2R` accepts: also "cached", the exact search reused for ``refresh_every`` steps."""
+C2R_NEIGHBOR_SEARCHES = ("candidates", *NEIGHBOR_SEARCHES)
+"""What :class:`C2R` accepts: also "candidates", the exact argmax over per-latent lists kept between refreshes."""
+
+REFRESH_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def _check_neighbor_search(neighbor_search: str, valid: tuple[str, ...] = NEIGHBOR_SEARCHES) -> None:
+    if neighbor_search == "cached":
+        raise ValueError(
+            "C2R neighbor_search='cached' was replaced by 'candidates', which re-ranks a list of neighbours kept "
+            "at each refresh on every step (candidates=1 behaves like the old 'cached'): set "
+            "regularizer.neighbor_search=candidates"
+        )
     if neighbor_search not in valid:
         raise ValueError(f"unknown C2R neighbor_search {neighbor_search!r}; choose one of {', '.join(map(repr, valid))}")
 
@@ -53,91 +66,6 @@ def _check_neighbor_search(neighbor_search: str, valid: tuple[str, ...] = NEIGHB
 def _check_alpha(alpha: float) -> None:
     if not alpha > 0:
         raise ValueError(f"C2R alpha must be > 0 (the exponent of n_i + n_j; the paper uses 1), got {alpha}")
-
-
-def _check_chunk_size(chunk_size: int) -> None:
-    if chunk_size < 2:
-        raise ValueError(
-            f"C2R chunk_size must be >= 2 (a latent alone in its chunk has no neighbour), got {chunk_size}; "
-            "the paper uses 8192"
-        )
-
-
-def _check_tile_size(tile_size: int) -> None:
-    if tile_size < 1:
-        raise ValueError(
-            f"C2R tile_size must be >= 1 (rows of the cosine matrix computed at once), got {tile_size}"
-        )
-
-
-def _full_precision(like: Tensor) -> contextlib.AbstractContextManager:
-    """Disable autocast on ``like``'s device, so matmuls run in the dtype we cast to."""
-    return torch.autocast(device_type=like.device.type, enabled=False)
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    """Upcast half precisions to fp32; keep fp32 and fp64 as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _argmax_other(unit_rows: Tensor, tile_size: int) -> Tensor:
-    """Index of the most similar *other* row of each unit row, tiled over rows.
-
-    Each tile computes ``tile × F`` cosines against all rows, so one ``argmax`` sees the whole row and
-    returns its first maximum: ties go to the smallest index with no merging across tiles. With a
-    single row there is no other row; the self entry (-inf) is then the argmax, i.e. the sentinel ``i``.
-    """
-    count = unit_rows.shape[0]
-    neighbors = torch.empty(count, dtype=torch.long, device=unit_rows.device)
-    for start in range(0, count, tile_size):
-        cosines = unit_rows[start : start + tile_size] @ unit_rows.T
-        rows = torch.arange(cosines.shape[0], device=unit_rows.device)
-        cosines[rows, rows + start] = float("-inf")
-        neighbors[start : start + tile_size] = cosines.argmax(dim=1)
-    return neighbors
-
-
-@torch.no_grad()
-def nearest_neighbors_exact(decoder_rows: Tensor, *, tile_size: int = 4096) -> Tensor:
-    """``j(i) = argmax_{j≠i} cos(W_i, W_j)`` over all F rows (LongTensor ``[F]``).
-
-    Global search, computed ``tile_size`` rows at a time so memory stays O(tile_size·F) rather than
-    O(F²). Ties go to the smallest latent index; with F == 1 the sentinel ``j(0) = 0`` is returned.
-    """
-    _check_tile_size(tile_size)
-    with _full_precision(decoder_rows):
-        unit = F.normalize(_at_least_fp32(decoder_rows.detach()), dim=1)
-        return _argmax_other(unit, tile_size)
-
-
-@torch.no_grad()
-def nearest_neighbors_chunked(
-    decoder_rows: Tensor,
-    *,
-    chunk_size: int = 8192,
-    generator: torch.Generator | None = None,
-    tile_size: int = 4096,
-) -> Tensor:
-    """The paper's search: the neighbour of each latent among a random chunk of latents.
-
-    A fresh permutation of the F latents (``torch.randperm(F, generator=generator)``) is cut into
-    consecutive chunks of ``chunk_size`` (the last may be smaller) and each latent's neighbour is
-    searched only inside its chunk. Chunk members are sorted, so ties go to the smallest latent index as
-    in :func:`nearest_neighbors_exact`, which this equals when F <= chunk_size. A latent alone in its
-    chunk gets the sentinel ``j(i) = i`` (no neighbour). Pass the same generator state on every DDP rank.
-    """
-    _check_chunk_size(chunk_size)
-    _check_tile_size(tile_size)
-    count = decoder_rows.shape[0]
-    perm_device = generator.device if generator is not None else torch.device("cpu")
-    perm = torch.randperm(count, generator=generator, device=perm_device).to(decoder_rows.device)
-    with _full_precision(decoder_rows):
-        unit = F.normalize(_at_least_fp32(decoder_rows.detach()), dim=1)
-        neighbors = torch.empty(count, dtype=torch.long, device=decoder_rows.device)
-        for chunk in perm.split(chunk_size):
-            members = chunk.sort().values
-            neighbors[members] = members[_argmax_other(unit[members], tile_size)]
-    return neighbors
 
 
 def find_neighbors(
@@ -148,12 +76,10 @@ def find_neighbors(
     generator: torch.Generator | None = None,
     tile_size: int = 4096,
 ) -> Tensor:
-    """Dispatch to the neighbour search named by ``neighbor_search`` (one of :data:`NEIGHBOR_SEARCHES`)."""
+    """Dispatch to the stateless search named by ``neighbor_search`` (one of :data:`NEIGHBOR_SEARCHES`)."""
     _check_neighbor_search(neighbor_search)
     if neighbor_search == "chunked":
-        return nearest_neighbors_chunked(
-            decoder_rows, chunk_size=chunk_size, generator=generator, tile_size=tile_size
-        )
+        return nearest_neighbors_chunked(decoder_rows, chunk_size=chunk_size, generator=generator, tile_size=tile_size)
     return nearest_neighbors_exact(decoder_rows, tile_size=tile_size)
 
 
@@ -166,12 +92,12 @@ def latent_norms(codes: Tensor | SparseCodes, *, across_ranks: bool = False) -> 
     rank's own rows. Dead latents (``Σ f² = 0``, where the root has no derivative) get norm 0 and gradient 0.
     """
     like = codes.values if isinstance(codes, SparseCodes) else codes
-    with _full_precision(like):
+    with full_precision(like):
         if isinstance(codes, SparseCodes):
-            values = _at_least_fp32(codes.values)
+            values = at_least_fp32(codes.values)
             squares = values.new_zeros(codes.dict_size).index_add(0, codes.latents, values.square())
         else:
-            squares = _at_least_fp32(codes).square().sum(dim=0)
+            squares = at_least_fp32(codes).square().sum(dim=0)
         if across_ranks:
             squares = distributed_functional.all_reduce(squares)
         alive = squares > 0
@@ -181,8 +107,8 @@ def latent_norms(codes: Tensor | SparseCodes, *, across_ranks: bool = False) -> 
 def pair_similarity(decoder_rows: Tensor, neighbors: Tensor) -> Tensor:
     """``s_i = max(0, cos(W_i, W_{j(i)}))²`` for given ``neighbors = j`` (``[F]``), 0 where ``j(i) == i`` (no
     neighbour); differentiable in the rows, in at least fp32 with autocast off. Shared by C²R and OrtSAE."""
-    with _full_precision(decoder_rows):
-        unit = F.normalize(_at_least_fp32(decoder_rows), dim=1)
+    with full_precision(decoder_rows):
+        unit = F.normalize(at_least_fp32(decoder_rows), dim=1)
         cosines = (unit * unit[neighbors]).sum(dim=1)
         has_neighbor = neighbors != torch.arange(neighbors.shape[0], device=neighbors.device)
         return torch.where(has_neighbor, cosines.clamp_min(0).square(), 0.0)
@@ -207,7 +133,7 @@ def pair_loss(
     _check_alpha(alpha)
     norms = latent_norms(acts, across_ranks=across_ranks)
     similarity = pair_similarity(decoder_rows, neighbors)
-    with _full_precision(norms):
+    with full_precision(norms):
         base = norms + norms[neighbors]
         positive = base > 0
         strength = torch.where(positive, torch.where(positive, base, 1.0).pow(alpha), 0.0)
@@ -242,21 +168,37 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
+def _same_on_all_ranks(neighbors: Tensor) -> Tensor:
+    """Rank 0's indices everywhere: a tie broken differently by one GPU must not split the ranks."""
+    if _distributed():
+        torch.distributed.broadcast(neighbors, src=0)
+    return neighbors
+
+
 class C2R(Regularizer):
     """C²R as a scheduled :class:`Regularizer` (defaults: the paper's coef=5, alpha=1, interval=5).
 
     Neighbour search (``neighbor_search``):
 
-    - ``"exact"``: the global argmax over all F latents at every call (tiled; O(F²·d) per call).
-    - ``"chunked"``: the paper's; the permutation at a step is drawn from a fresh generator seeded from
+    - ``"candidates"`` (default): every ``refresh_every`` steps one tiled exact pass keeps, per latent, the
+      ``candidates`` most similar other latents; on every C²R step ``j(i)`` is the argmax of the *current* fp32
+      cosines over latent i's list (O(F·m·d), no O(F²) work). That is the exact ``j(i)`` whenever the true
+      neighbour is in the list; ``details/c2r/candidate_recall`` (logged at each refresh: the share of latents
+      whose fresh exact neighbour was in the old list) says how often that held. With
+      ``adaptive_refresh`` the interval halves when the recall falls below ``target_recall`` and doubles (up to
+      ``max_refresh_every``) while it stays at 1. ``refresh_precision``: the refresh's first pass runs in bf16
+      on CUDA (``auto``) and its pool of ``2·candidates`` is re-ranked in fp32.
+    - ``"exact"``: the global argmax over all F latents at every call (tiled; O(F²·d) per call): the reference.
+    - ``"chunked"``: the paper's; the permutation at a step is drawn from a generator seeded from
       ``(seed, step)``, so every DDP rank draws the same chunks at the same step and a resumed run repeats them.
-    - ``"cached"``: the exact search, recomputed when ``refresh_every`` steps have passed since the last one
-      and reused in between, so a step costs O(F·d + B·k) (O(F·d + B·F) on dense codes). Right after a refresh it equals ``"exact"``.
-      The indices are checkpointed (a resumed run continues with the same ones); on refresh steps ``metrics``
-      reports how many changed (staleness), to choose ``refresh_every``.
 
-    Under DDP, ``n_i`` is the norm over the global batch and the neighbours are broadcast from rank 0, so the
-    loss is the same on every rank and equals a single process on the concatenated batch.
+    ``audit_every`` (0 = off) computes the exact neighbours on every ``audit_every``-th C²R step as well and
+    logs ``exact_agreement`` (share of latents whose chosen neighbour is the exact one) and ``exact_loss_ratio``
+    (loss on the chosen pairs / loss on the exact pairs): how exact the chosen search is, at O(F²·d) per audit.
+
+    The candidate lists and the refresh schedule are checkpointed, so a resumed run continues with the same
+    lists. Under DDP, ``n_i`` is the norm over the global batch and the neighbours are broadcast from rank 0, so
+    the loss is the same on every rank and equals a single process on the concatenated batch.
     """
 
     def __init__(
@@ -265,78 +207,137 @@ class C2R(Regularizer):
         alpha: float = 1.0,
         interval: int = 5,
         start_step: int = 0,
-        neighbor_search: str = "cached",
+        neighbor_search: str = "candidates",
+        candidates: int = 16,
+        refresh_every: int = 100,
+        adaptive_refresh: bool = False,
+        target_recall: float = 0.99,
+        max_refresh_every: int = 1000,
+        refresh_precision: str = "auto",
         chunk_size: int = 8192,
         tile_size: int = 4096,
-        refresh_every: int = 100,
+        audit_every: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__(coef=coef, start_step=start_step, interval=interval)
         _check_alpha(alpha)
         _check_neighbor_search(neighbor_search, C2R_NEIGHBOR_SEARCHES)
-        _check_chunk_size(chunk_size)
-        _check_tile_size(tile_size)
-        if refresh_every < 1:
-            raise ValueError(f"C2R refresh_every must be >= 1 (steps between exact neighbour searches), got {refresh_every}")
+        check_chunk_size(chunk_size)
+        check_tile_size(tile_size)
+        if candidates < 1:
+            raise ValueError(f"C2R candidates must be >= 1 (neighbours kept per latent between refreshes), got {candidates}")
+        if not 1 <= refresh_every <= max_refresh_every:
+            raise ValueError(
+                f"C2R needs 1 <= refresh_every <= max_refresh_every (steps between exact searches), got "
+                f"refresh_every={refresh_every}, max_refresh_every={max_refresh_every}"
+            )
+        if not 0 < target_recall <= 1:
+            raise ValueError(f"C2R target_recall must be in (0, 1], got {target_recall}")
+        if refresh_precision not in REFRESH_PRECISIONS:
+            raise ValueError(
+                f"unknown C2R refresh_precision {refresh_precision!r}; choose one of {', '.join(map(repr, REFRESH_PRECISIONS))}"
+            )
+        if audit_every < 0:
+            raise ValueError(f"C2R audit_every must be >= 0 (0 = off, n = every n-th C2R step), got {audit_every}")
         self.alpha = float(alpha)
         self.neighbor_search = neighbor_search
+        self.candidates = int(candidates)
+        self.adaptive_refresh = bool(adaptive_refresh)
+        self.target_recall = float(target_recall)
+        self.max_refresh_every = int(max_refresh_every)
+        self.refresh_precision = refresh_precision
         self.chunk_size = int(chunk_size)
         self.tile_size = int(tile_size)
-        self.refresh_every = int(refresh_every)
+        self.audit_every = int(audit_every)
         self.seed = int(seed)
-        # "cached" state; sized on the first refresh (F is not known before).
-        self.register_buffer("cached_neighbors", torch.empty(0, dtype=torch.long))
-        self.register_buffer("refreshed_at", torch.tensor(-1, dtype=torch.long))
+        # "candidates" state, checkpointed: the lists (sized at the first refresh, when F is known) and the schedule.
+        self.register_buffer("candidate_lists", torch.empty(0, 0, dtype=torch.long))
+        self.refresh_every = int(refresh_every)
+        self.refreshed_at = -1
+        self.calls = 0
+        # What the last refresh found; reported on every call until the next refresh, so that it reaches the
+        # logger whatever the logging interval.
+        self.refresh_metrics: dict[str, Tensor] = {}
 
     def neighbors(self, decoder_rows: Tensor, step: int) -> Tensor:
         """``j(i)`` for every latent at ``step`` (no gradient), identical on every DDP rank."""
-        if self.neighbor_search == "cached":
-            return self._cached_neighbors(decoder_rows, step)
+        if self.neighbor_search == "candidates":
+            if self.candidate_lists.shape[0] != decoder_rows.shape[0] or step - self.refreshed_at >= self.refresh_every:
+                self.refresh(decoder_rows, step)
+            return _same_on_all_ranks(best_candidates(decoder_rows, self.candidate_lists, tile_size=self.tile_size))
         generator = step_generator(self.seed, step) if self.neighbor_search == "chunked" else None
-        return self._same_on_all_ranks(
+        return _same_on_all_ranks(
             find_neighbors(
-                decoder_rows,
-                self.neighbor_search,
-                chunk_size=self.chunk_size,
-                generator=generator,
-                tile_size=self.tile_size,
+                decoder_rows, self.neighbor_search, chunk_size=self.chunk_size, generator=generator, tile_size=self.tile_size
             )
         )
 
-    def _cached_neighbors(self, decoder_rows: Tensor, step: int) -> Tensor:
-        stale = self.cached_neighbors.numel() != decoder_rows.shape[0]
-        if stale or step - int(self.refreshed_at) >= self.refresh_every:
-            fresh = self._same_on_all_ranks(nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size))
-            changed = fresh.new_tensor(fresh.numel()) if stale else (fresh != self.cached_neighbors).sum()
-            self.metrics = {"neighbors_changed": changed.float(), "neighbors_changed_fraction": changed / fresh.numel()}
-            self.cached_neighbors = fresh
-            self.refreshed_at.fill_(step)
-        return self.cached_neighbors
+    @torch.no_grad()
+    def refresh(self, decoder_rows: Tensor, step: int) -> None:
+        """Recompute the candidate lists (the only O(F²·d) work of this mode) and log how many of the fresh
+        exact neighbours the old lists held."""
+        fresh = _same_on_all_ranks(
+            top_candidates(decoder_rows, self.candidates, tile_size=self.tile_size, first_pass_dtype=self._first_pass_dtype(decoder_rows))
+        )
+        old = self.candidate_lists
+        if old.shape[0] == fresh.shape[0] and old.shape[1] > 0:
+            exact = best_candidates(decoder_rows, fresh, tile_size=self.tile_size)
+            recall = (old == exact[:, None]).any(dim=1).float().mean()
+            self.refresh_metrics["candidate_recall"] = recall
+            if self.adaptive_refresh:
+                self._adapt_refresh_every(float(recall))  # one device->host read per refresh
+        self.refresh_metrics["refresh_every"] = torch.tensor(float(self.refresh_every))
+        self.candidate_lists = fresh
+        self.refreshed_at = step
 
-    @staticmethod
-    def _same_on_all_ranks(neighbors: Tensor) -> Tensor:
-        """Rank 0's neighbours everywhere: a tie broken differently by one GPU must not split the ranks."""
-        if _distributed():
-            torch.distributed.broadcast(neighbors, src=0)
-        return neighbors
+    def _adapt_refresh_every(self, recall: float) -> None:
+        if recall < self.target_recall:
+            self.refresh_every = max(1, self.refresh_every // 2)
+        elif recall == 1.0:
+            self.refresh_every = min(self.max_refresh_every, 2 * self.refresh_every)
+
+    def _first_pass_dtype(self, decoder_rows: Tensor) -> torch.dtype | None:
+        if self.refresh_precision == "bfloat16" or (self.refresh_precision == "auto" and decoder_rows.is_cuda):
+            return torch.bfloat16
+        return None
 
     def forward(self, acts: Tensor | SparseCodes, decoder_rows: Tensor, step: int) -> Tensor:
         """The raw (unweighted) C²R loss of the codes (dense ``[B, F]`` or sparse entries) and
         ``decoder_rows [F, d]`` at ``step``."""
-        self.metrics = {}
         neighbors = self.neighbors(decoder_rows, step)
-        return pair_loss(acts, decoder_rows, neighbors, alpha=self.alpha, across_ranks=_distributed())
+        self.metrics = dict(self.refresh_metrics)
+        loss = pair_loss(acts, decoder_rows, neighbors, alpha=self.alpha, across_ranks=_distributed())
+        if self.audit_every and self.calls % self.audit_every == 0:
+            self._audit(acts, decoder_rows, neighbors, loss.detach(), step)
+        self.calls += 1
+        return loss
+
+    @torch.no_grad()
+    def _audit(self, acts: Tensor | SparseCodes, decoder_rows: Tensor, chosen: Tensor, loss: Tensor, step: int) -> None:
+        exact = _same_on_all_ranks(nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size))
+        exact_loss = pair_loss(acts, decoder_rows, exact, alpha=self.alpha, across_ranks=_distributed())
+        self.metrics["exact_agreement"] = (chosen == exact).float().mean()
+        self.metrics["exact_loss_ratio"] = torch.where(exact_loss > 0, loss / exact_loss, 1.0)
+        if self.neighbor_search == "candidates":
+            self.metrics["steps_since_refresh"] = torch.tensor(float(step - self.refreshed_at))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"refresh_every": self.refresh_every, "refreshed_at": self.refreshed_at, "calls": self.calls}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.refresh_every, self.refreshed_at, self.calls = state["refresh_every"], state["refreshed_at"], state["calls"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # The cached indices are sized on first use: take the checkpoint's size before loading into them.
-        saved = state_dict.get(prefix + "cached_neighbors")
+        # The lists are sized at the first refresh: take the checkpoint's size before loading into them.
+        saved = state_dict.get(prefix + "candidate_lists")
         if saved is not None:
-            self.cached_neighbors = torch.empty_like(saved, device=self.cached_neighbors.device)
+            self.candidate_lists = torch.empty_like(saved, device=self.candidate_lists.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"coef={self.coef}, alpha={self.alpha}, interval={self.interval}, start_step={self.start_step}, "
-            f"neighbor_search={self.neighbor_search!r}, chunk_size={self.chunk_size}, "
-            f"tile_size={self.tile_size}, refresh_every={self.refresh_every}, seed={self.seed}"
+            f"neighbor_search={self.neighbor_search!r}, candidates={self.candidates}, refresh_every={self.refresh_every}, "
+            f"adaptive_refresh={self.adaptive_refresh}, chunk_size={self.chunk_size}, tile_size={self.tile_size}, "
+            f"seed={self.seed}"
         )

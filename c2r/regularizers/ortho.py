@@ -7,7 +7,7 @@ For decoder rows ``W [F, d]`` and a fresh random partition of the F latents into
 
 i.e. C²R's similarity term without the activation weighting. The chunks keep the cost linear in F (one
 ``chunk_size × chunk_size`` block per chunk). The neighbour search is C²R's chunked one
-(:func:`c2r.regularizers.c2r.nearest_neighbors_chunked`): a latent alone in its chunk has no neighbour and adds 0
+(:func:`c2r.geometry.nearest_neighbors_chunked`): a latent alone in its chunk has no neighbour and adds 0
 (still counted in the mean over F), ties go to the smallest index. Gradients reach only the decoder.
 """
 
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from c2r.geometry import check_chunk_size, check_tile_size, nearest_neighbors_chunked
+
 from .base import Regularizer, step_generator
-from .c2r import nearest_neighbors_chunked, pair_similarity
+from .c2r import pair_similarity
 
 
 def ortho_loss(decoder_rows: Tensor, neighbors: Tensor) -> Tensor:
@@ -42,10 +44,8 @@ class Ortho(Regularizer):
         seed: int = 0,
     ) -> None:
         super().__init__(coef=coef, start_step=start_step, interval=interval)
-        if chunk_size < 2:
-            raise ValueError(f"ortho chunk_size must be >= 2 (a latent alone in its chunk has no neighbour), got {chunk_size}")
-        if tile_size < 1:
-            raise ValueError(f"ortho tile_size must be >= 1, got {tile_size}")
+        check_chunk_size(chunk_size)
+        check_tile_size(tile_size)
         self.chunk_size = int(chunk_size)
         self.tile_size = int(tile_size)
         self.seed = int(seed)

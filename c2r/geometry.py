@@ -1,0 +1,165 @@
+"""Nearest neighbours among decoder directions: the searches that C²R, OrtSAE and the evaluation share.
+
+Every search works on cosines of the rows ``W [F, d]`` without gradient, with autocast off and in at least fp32
+(bf16/fp16 rows are upcast; fp64 stays fp64), because a bf16 cosine matrix picks a different argmax for a
+sizeable share of rows. The one exception is :func:`top_candidates`' optional low-precision first pass, whose
+pool is re-ranked in full precision. On CUDA, fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
+
+Conventions: ties go to the smallest latent index; a latent without any other latent to compare with (F == 1,
+or alone in its chunk) gets itself as the sentinel ``j(i) = i``, which the losses read as "no neighbour".
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def check_tile_size(tile_size: int) -> None:
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be >= 1 (rows of the cosine matrix computed at once), got {tile_size}")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 2:
+        raise ValueError(
+            f"chunk_size must be >= 2 (a latent alone in its chunk has no neighbour), got {chunk_size}; "
+            "the paper uses 8192"
+        )
+
+
+def full_precision(like: Tensor) -> contextlib.AbstractContextManager:
+    """Disable autocast on ``like``'s device, so matmuls run in the dtype we cast to."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Upcast half precisions to fp32; keep fp32 and fp64 as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def unit_rows(rows: Tensor) -> Tensor:
+    """The rows scaled to unit norm, detached, in at least fp32."""
+    return F.normalize(at_least_fp32(rows.detach()), dim=1)
+
+
+def _tiled_cosines(unit: Tensor, tile_size: int, dtype: torch.dtype | None = None):
+    """Yield ``(start, cosines)`` for each tile of rows: ``cosines [tile, F]`` against all rows (in ``dtype`` if
+    given), with each row's cosine to itself set to -inf."""
+    rows = unit if dtype is None else unit.to(dtype)
+    for start in range(0, unit.shape[0], tile_size):
+        cosines = rows[start : start + tile_size] @ rows.T
+        diagonal = torch.arange(cosines.shape[0], device=unit.device)
+        cosines[diagonal, diagonal + start] = float("-inf")
+        yield start, cosines
+
+
+def _argmax_other(unit: Tensor, tile_size: int) -> Tensor:
+    """Index of the most similar *other* row of each unit row. ``argmax`` returns the first maximum of the whole
+    row, so ties go to the smallest index; with a single row the self entry (-inf) wins: the sentinel ``i``."""
+    neighbors = torch.empty(unit.shape[0], dtype=torch.long, device=unit.device)
+    for start, cosines in _tiled_cosines(unit, tile_size):
+        neighbors[start : start + cosines.shape[0]] = cosines.argmax(dim=1)
+    return neighbors
+
+
+@torch.no_grad()
+def nearest_neighbors_exact(decoder_rows: Tensor, *, tile_size: int = 4096) -> Tensor:
+    """``j(i) = argmax_{j≠i} cos(W_i, W_j)`` over all F rows (LongTensor ``[F]``).
+
+    Computed ``tile_size`` rows at a time, so memory stays O(tile_size·F) rather than O(F²).
+    """
+    check_tile_size(tile_size)
+    with full_precision(decoder_rows):
+        return _argmax_other(unit_rows(decoder_rows), tile_size)
+
+
+@torch.no_grad()
+def nearest_neighbors_chunked(
+    decoder_rows: Tensor,
+    *,
+    chunk_size: int = 8192,
+    generator: torch.Generator | None = None,
+    tile_size: int = 4096,
+) -> Tensor:
+    """The C²R paper's search: the neighbour of each latent among a random chunk of latents.
+
+    A fresh permutation of the F latents (``torch.randperm(F, generator=generator)``) is cut into consecutive
+    chunks of ``chunk_size`` (the last may be smaller) and each latent's neighbour is searched only inside its
+    chunk. Chunk members are sorted, so ties go to the smallest index as in :func:`nearest_neighbors_exact`,
+    which this equals when F <= chunk_size. Pass the same generator state on every DDP rank.
+    """
+    check_chunk_size(chunk_size)
+    check_tile_size(tile_size)
+    count = decoder_rows.shape[0]
+    perm_device = generator.device if generator is not None else torch.device("cpu")
+    perm = torch.randperm(count, generator=generator, device=perm_device).to(decoder_rows.device)
+    with full_precision(decoder_rows):
+        unit = unit_rows(decoder_rows)
+        neighbors = torch.empty(count, dtype=torch.long, device=decoder_rows.device)
+        for chunk in perm.split(chunk_size):
+            members = chunk.sort().values
+            neighbors[members] = members[_argmax_other(unit[members], tile_size)]
+    return neighbors
+
+
+def _candidate_cosines(unit: Tensor, candidates: Tensor, tile_size: int) -> Tensor:
+    """``cos(W_i, W_c)`` for each latent i and each of its candidates c (``[F, m]``), ``tile_size`` latents at a
+    time so the gathered rows take O(tile_size·m·d) memory, never O(F·m·d)."""
+    cosines = torch.empty(candidates.shape, dtype=unit.dtype, device=unit.device)
+    for start in range(0, unit.shape[0], tile_size):
+        tile = slice(start, start + tile_size)
+        cosines[tile] = torch.einsum("td,tmd->tm", unit[tile], unit[candidates[tile]])
+    return cosines
+
+
+@torch.no_grad()
+def top_candidates(
+    decoder_rows: Tensor,
+    count: int,
+    *,
+    tile_size: int = 4096,
+    first_pass_dtype: torch.dtype | None = None,
+    pool: int | None = None,
+) -> Tensor:
+    """The ``count`` most similar other latents of each latent (``[F, min(count, F-1)]`` long), sorted by index.
+
+    The only O(F²·d) work: one tiled pass over the cosine matrix. With ``first_pass_dtype`` (e.g. bf16 on a GPU,
+    ~8× faster than fp32 there) that pass keeps a larger ``pool`` (default ``2·count``) of candidates by the
+    low-precision cosines, which are then re-ranked by their full-precision cosines; the list equals the
+    full-precision top ``count`` whenever those are inside the low-precision pool. Lists sorted by index make
+    :func:`best_candidates` break ties towards the smallest index, as the exact search does.
+    """
+    check_tile_size(tile_size)
+    if count < 1:
+        raise ValueError(f"candidates must be >= 1 (neighbours kept per latent), got {count}")
+    total = decoder_rows.shape[0]
+    count = min(count, total - 1)
+    pool = count if first_pass_dtype is None else min(total - 1, max(pool or 2 * count, count))
+    with full_precision(decoder_rows):
+        unit = unit_rows(decoder_rows)
+        kept = torch.empty(total, pool, dtype=torch.long, device=unit.device)
+        for start, cosines in _tiled_cosines(unit, tile_size, first_pass_dtype):
+            kept[start : start + cosines.shape[0]] = cosines.topk(pool, dim=1, sorted=False).indices
+        if pool > count:  # re-rank the low-precision pool by full-precision cosines
+            best = _candidate_cosines(unit, kept, tile_size).topk(count, dim=1, sorted=False).indices
+            kept = kept.gather(1, best)
+    return kept.sort(dim=1).values
+
+
+@torch.no_grad()
+def best_candidates(decoder_rows: Tensor, candidates: Tensor, *, tile_size: int = 4096) -> Tensor:
+    """``j(i)`` = the candidate of latent i with the highest *current* cosine (``[F]`` long), in O(F·m·d).
+
+    Equals the exact global argmax whenever the true nearest neighbour is among the candidates. Latents
+    without candidates (F == 1) get the sentinel ``j(i) = i``.
+    """
+    check_tile_size(tile_size)
+    if candidates.shape[1] == 0:
+        return torch.arange(candidates.shape[0], device=candidates.device)
+    with full_precision(decoder_rows):
+        cosines = _candidate_cosines(unit_rows(decoder_rows), candidates, tile_size)
+    return candidates.gather(1, cosines.argmax(dim=1, keepdim=True)).squeeze(1)

@@ -1,0 +1,252 @@
+"""C²R's candidate-list search (the default), its exactness between refreshes, its state and its DDP semantics."""
+
+import csv
+import os
+import shutil
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from c2r.geometry import best_candidates, nearest_neighbors_exact, top_candidates
+from c2r.regularizers import C2R, c2r_loss
+from c2r.regularizers.c2r import pair_loss
+from c2r.sae import TopKSAE
+
+
+def random_rows(count, dim, seed):
+    return torch.randn(count, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def loss_and_grads(loss_fn, acts, rows):
+    acts = acts.clone().requires_grad_(True)
+    rows = rows.clone().requires_grad_(True)
+    loss = loss_fn(acts, rows)
+    return (loss.detach(), *torch.autograd.grad(loss, (acts, rows)))
+
+
+def naive_top_candidates(rows, count):
+    """Brute force in float64: each row's ``count`` most similar other rows, sorted by index."""
+    unit = torch.nn.functional.normalize(rows.double(), dim=1)
+    cosines = (unit @ unit.T).fill_diagonal_(float("-inf"))
+    return cosines.topk(count, dim=1).indices.sort(dim=1).values
+
+
+# ---------------------------------------------------------------- the search itself
+@pytest.mark.parametrize("tile_size", [7, 4096])
+def test_top_candidates_are_the_most_similar_other_latents_sorted_by_index(tile_size):
+    rows = random_rows(200, 12, seed=0)
+    got = top_candidates(rows, 9, tile_size=tile_size)
+    assert got.shape == (200, 9)
+    assert torch.equal(got, naive_top_candidates(rows, 9))
+    assert (got != torch.arange(200)[:, None]).all()  # never the latent itself
+
+
+def test_more_candidates_than_other_latents_keeps_all_others_and_one_latent_has_none():
+    rows = random_rows(5, 3, seed=1)
+    assert top_candidates(rows, 16).tolist() == [[j for j in range(5) if j != i] for i in range(5)]
+    alone = top_candidates(rows[:1], 16)
+    assert alone.shape == (1, 0)
+    assert best_candidates(rows[:1], alone).tolist() == [0]  # the "no neighbour" sentinel
+
+
+def test_candidate_argmax_equals_the_exact_argmax_when_the_true_neighbour_is_in_the_list():
+    rows = random_rows(300, 8, seed=2)
+    lists = top_candidates(rows, 4)
+    moved = rows + 0.5 * random_rows(300, 8, seed=3)  # training moved the decoder since the lists were made
+    exact = nearest_neighbors_exact(moved)
+    chosen = best_candidates(moved, lists, tile_size=17)
+    held = (lists == exact[:, None]).any(dim=1)
+    assert 0.2 < held.float().mean() < 0.95  # both cases occur, so the test has teeth
+    assert torch.equal(chosen[held], exact[held])
+    # Elsewhere the choice is the best listed latent, by the current cosines.
+    unit = torch.nn.functional.normalize(moved.double(), dim=1)
+    listed_cosines = torch.einsum("fd,fmd->fm", unit, unit[lists])
+    assert torch.equal(chosen, lists.gather(1, listed_cosines.argmax(dim=1, keepdim=True)).squeeze(1))
+
+
+def test_ties_among_candidates_go_to_the_smallest_index_like_the_exact_search():
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]])  # rows 1 and 2 tie for row 0 and row 3
+    lists = top_candidates(rows, 3)
+    assert torch.equal(best_candidates(rows, lists), nearest_neighbors_exact(rows))
+
+
+def test_a_low_precision_first_pass_re_ranked_in_fp32_gives_the_fp32_argmax():
+    rows = random_rows(1024, 32, seed=0)
+    exact = nearest_neighbors_exact(rows)
+    unit = torch.nn.functional.normalize(rows, dim=1).bfloat16()
+    bf16_argmax = (unit @ unit.T).float().fill_diagonal_(float("-inf")).argmax(dim=1)
+    assert (bf16_argmax != exact).sum() > 10  # a bf16 search alone picks other neighbours for many rows
+
+    lists = top_candidates(rows, 4, first_pass_dtype=torch.bfloat16)
+    assert torch.equal(best_candidates(rows, lists), exact)
+    assert torch.equal(lists, top_candidates(rows, 4))  # the re-ranked lists are the fp32 lists
+    regularizer = C2R(coef=1, interval=1, candidates=4, refresh_precision="bfloat16")
+    assert torch.equal(regularizer.neighbors(rows, 0), exact)
+
+
+# ---------------------------------------------------------------- the regularizer between refreshes
+def test_candidates_equal_exact_right_after_a_refresh_and_re_rank_the_old_lists_in_between():
+    acts = torch.relu(random_rows(16, 24, seed=4).double())
+    rows = random_rows(24, 8, seed=5).double()
+    regularizer = C2R(coef=1, interval=1, candidates=3, refresh_every=3, tile_size=5)
+    exact = lambda a, w: c2r_loss(a, w, neighbor_search="exact")  # noqa: E731
+    for got, want in zip(loss_and_grads(lambda a, w: regularizer(a, w, 0), acts, rows), loss_and_grads(exact, acts, rows)):
+        torch.testing.assert_close(got, want)
+    lists_at_0 = top_candidates(rows, 3)
+    assert torch.equal(regularizer.candidate_lists, lists_at_0)
+
+    moved = rows + 0.8 * random_rows(24, 8, seed=6).double()
+    assert not torch.equal(best_candidates(moved, lists_at_0), nearest_neighbors_exact(moved))  # stale lists miss some
+    for step in (1, 2):  # between refreshes: the best of the step-0 lists by today's cosines
+        listed = lambda a, w: pair_loss(a, w, best_candidates(moved, lists_at_0))  # noqa: E731
+        for got, want in zip(loss_and_grads(lambda a, w: regularizer(a, w, step), acts, moved), loss_and_grads(listed, acts, moved)):
+            torch.testing.assert_close(got, want)
+    for got, want in zip(loss_and_grads(lambda a, w: regularizer(a, w, 3), acts, moved), loss_and_grads(exact, acts, moved)):
+        torch.testing.assert_close(got, want)
+
+
+def test_candidate_recall_on_a_constructed_case():
+    # Pairs (0, 1) and (2, 3) are close; with one candidate each the lists are [[1], [0], [3], [2]].
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0], [0.0, 0.1, 0.9]])
+    acts = torch.ones(4, 4)
+    regularizer = C2R(coef=1, interval=1, candidates=1, refresh_every=10)
+    regularizer(acts, rows, 0)
+    assert regularizer.candidate_lists.tolist() == [[1], [0], [3], [2]]
+    assert "candidate_recall" not in regularizer.metrics  # the first lists have no predecessor
+    # Row 2 moves next to row 0: the exact neighbours become [2, 0, 0, 2]; the old lists held those of rows 1 and 3.
+    rows[2] = torch.tensor([0.99, 0.0, 0.05])
+    assert nearest_neighbors_exact(rows).tolist() == [2, 0, 0, 2]
+    regularizer(acts, rows, 5)
+    assert "candidate_recall" not in regularizer.metrics  # no refresh yet
+    regularizer(acts, rows, 10)
+    assert regularizer.metrics["candidate_recall"].item() == pytest.approx(0.5)
+    regularizer(acts, rows, 11)  # reported until the next refresh, so any logging interval sees it
+    assert regularizer.metrics["candidate_recall"].item() == pytest.approx(0.5)
+
+
+def test_adaptive_refresh_halves_below_the_target_and_doubles_at_full_recall():
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0], [0.0, 0.1, 0.9]])
+    acts = torch.ones(4, 4)
+    regularizer = C2R(coef=1, interval=1, candidates=1, refresh_every=8, adaptive_refresh=True,
+                      target_recall=0.9, max_refresh_every=20)
+    regularizer(acts, rows, 0)
+    regularizer(acts, rows, 8)  # nothing moved: recall 1 → twice as long
+    assert regularizer.refresh_every == 16
+    regularizer(acts, rows, 24)
+    assert regularizer.refresh_every == 20  # capped at max_refresh_every
+    rows[2] = torch.tensor([0.99, 0.0, 0.05])  # recall 0.5 < 0.9 → half as long
+    regularizer(acts, rows, 44)
+    assert regularizer.refresh_every == 10 and regularizer.metrics["refresh_every"].item() == 10
+
+
+def test_audit_reports_agreement_and_loss_ratio_against_the_exact_search():
+    acts = torch.relu(random_rows(32, 40, seed=7))
+    rows = random_rows(40, 6, seed=8)
+    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=100, audit_every=2)
+    regularizer(acts, rows, 0)
+    assert regularizer.metrics["exact_agreement"].item() == 1.0
+    assert regularizer.metrics["exact_loss_ratio"].item() == pytest.approx(1.0)
+    moved = rows + 0.7 * random_rows(40, 6, seed=9)
+    regularizer(acts, moved, 1)
+    assert "exact_agreement" not in regularizer.metrics  # every 2nd call only
+    regularizer(acts, moved, 2)
+    chosen, exact = best_candidates(moved, regularizer.candidate_lists), nearest_neighbors_exact(moved)
+    assert regularizer.metrics["exact_agreement"].item() == pytest.approx((chosen == exact).float().mean().item())
+    ratio = pair_loss(acts, moved, chosen) / pair_loss(acts, moved, exact)
+    assert 0 < ratio < 1  # the stale lists miss neighbours here
+    assert regularizer.metrics["exact_loss_ratio"].item() == pytest.approx(ratio.item())
+    assert regularizer.metrics["steps_since_refresh"].item() == 2
+
+
+def test_candidate_state_survives_a_checkpoint():
+    rows = random_rows(10, 4, seed=10)
+    trained = C2R(candidates=3, refresh_every=50, adaptive_refresh=True, max_refresh_every=400)
+    trained(torch.ones(3, 10), rows, 7)
+    trained.refresh_every = 200  # as if adapted
+    restored = C2R(candidates=3, refresh_every=50, adaptive_refresh=True, max_refresh_every=400)
+    restored.load_state_dict(trained.state_dict())
+    assert torch.equal(restored.candidate_lists, trained.candidate_lists)
+    assert (restored.refreshed_at, restored.refresh_every, restored.calls) == (7, 200, 1)
+    # Within the refresh window the restored module keeps the saved lists instead of searching again.
+    restored(torch.ones(3, 10), random_rows(10, 4, seed=11), 8)
+    assert torch.equal(restored.candidate_lists, trained.candidate_lists)
+
+
+# ---------------------------------------------------------------- in a real training run
+def c2r_audit_rows(compose_train, candidates):
+    from c2r.train import train
+    from conftest import TINY
+
+    cfg = compose_train(
+        *TINY, "dict_size=256", "regularizer=c2r", "regularizer.coef=0.3", "regularizer.interval=1", "regularizer.audit_every=1",
+        f"regularizer.candidates={candidates}", "logger=csv", "trainer.log_every_n_steps=1",
+        "train_tokens=12800", "trainer.val_check_interval=1000", "evaluation=null",
+    )
+    train(cfg)
+    run_dir = cfg.hydra.runtime.output_dir
+    with open(os.path.join(run_dir, "csv", "metrics.csv")) as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("details/c2r/exact_agreement")]
+    shutil.rmtree(run_dir)  # the next job of the test gets the same run folder
+    return rows
+
+
+def test_the_default_search_is_exact_on_every_step_of_a_training_run(compose_train):
+    """100 steps with the default search settings (16 candidates, refreshed every 100 steps) and C²R on every
+    step, at a weight that pushes the chosen pairs apart fast (coef 0.3 at 256 latents): on every step the pairs
+    the default chooses are the exact ones for >= 99% of latents and their loss is >= 0.99 of the exact pairs'
+    loss. A single kept neighbour per latent (candidates=1, the old "cached" search) is far from that."""
+    rows = c2r_audit_rows(compose_train, candidates=16)
+    assert len(rows) == 100
+    assert min(float(r["details/c2r/exact_agreement"]) for r in rows) >= 0.99
+    assert min(float(r["details/c2r/exact_loss_ratio"]) for r in rows) >= 0.99
+
+    single = c2r_audit_rows(compose_train, candidates=1)
+    assert min(float(r["details/c2r/exact_agreement"]) for r in single) < 0.5
+    assert min(float(r["details/c2r/exact_loss_ratio"]) for r in single) < 0.8
+
+
+# ---------------------------------------------------------------- DDP: 2 processes equal one on the whole batch
+D, F, B = 8, 32, 12
+
+
+def make_sae_and_batch():
+    torch.manual_seed(3)
+    sae = TopKSAE(D, F, k=6, seed=1)
+    return sae, torch.randn(2 * B, D)
+
+
+def c2r_loss_and_grads(sae, x, neighbor_search, steps=(0, 5)):
+    """Loss and gradients at the last of ``steps`` (earlier ones build the candidate lists)."""
+    regularizer = C2R(coef=1, interval=1, neighbor_search=neighbor_search, candidates=4, refresh_every=4,
+                      chunk_size=8, seed=2)
+    for step in steps:
+        loss = regularizer(sae(x).codes, sae.W_dec, step)
+    sae.zero_grad()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters()}, regularizer.candidate_lists
+
+
+def ddp_worker(rank, world_size, init_file, neighbor_search, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    sae, x = make_sae_and_batch()
+    loss, grads, lists = c2r_loss_and_grads(sae, x[rank * B : (rank + 1) * B], neighbor_search)
+    for grad in grads.values():  # what DistributedDataParallel does with gradients: average over ranks
+        torch.distributed.all_reduce(grad)
+        grad /= world_size
+    torch.save({"loss": loss, "grads": grads, "lists": lists}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("neighbor_search", ["candidates", "exact", "chunked"])
+def test_two_process_c2r_equals_one_process_on_the_concatenated_batch(tmp_path, neighbor_search):
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), neighbor_search, str(tmp_path)), nprocs=2, join=True)
+    sae, x = make_sae_and_batch()
+    loss, grads, lists = c2r_loss_and_grads(sae, x, neighbor_search)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["loss"], loss)
+        assert torch.equal(result["lists"], lists)
+        for name, grad in grads.items():
+            assert grad.abs().max() > 0, name  # every parameter really receives a C²R gradient
+            torch.testing.assert_close(result["grads"][name], grad, msg=name)
