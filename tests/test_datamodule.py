@@ -261,3 +261,20 @@ def test_lightning_trainer_reads_the_stream_until_max_steps(synthetic):
     dm.trainer = None
     expected = _take(dm.train_dataloader(), 30)
     assert len(seen) == 30 and all(torch.equal(x, y) for x, y in zip(seen, expected))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_describe_training_batch_names_the_rows_served_at_each_step(synthetic, rank):
+    dm = ActivationDataModule(synthetic, batch_size=64, seed=3)
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    blocks_per_epoch = 3 * 256 // 64 // 2
+    served = _take(dm.train_dataloader(), 2 * blocks_per_epoch + 1)  # into the third epoch
+    for step, block in enumerate(served):
+        where = dm.describe_training_batch(step)
+        path, rows = where.split(" rows ")
+        first, last = map(int, rows.split("-"))
+        assert last - first + 1 == 32 and path.startswith(str(dm.manifest.directory))
+        expected = np.load(path)[first : last + 1] * dm.manifest.normalization_factor
+        torch.testing.assert_close(block, torch.from_numpy(expected.astype(np.float32)))
