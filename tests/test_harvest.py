@@ -273,7 +273,7 @@ def test_corrupted_shard_at_train_time_names_the_file_and_the_fix(docs, tmp_path
     directory = source.ensure()
     shard = directory / "shard_00003.npy"
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated
-    with pytest.raises(HarvestError, match=r"shard_00003\.npy.*c2r\.harvest verify=.*Fix: delete .* harvest it again"):
+    with pytest.raises(HarvestError, match=r"shard_00003\.npy.*c2r\.harvest verify=.*fix: delete .* harvest it again"):
         tiny(docs, tmp_path / "cache").ensure()
 
 

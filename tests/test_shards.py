@@ -151,7 +151,7 @@ def test_load_missing_or_wrong_shard(tmp_path):
     with pytest.raises(ValueError, match=r"shard_00001.npy has shape \(3, 6\).*\(64, 6\).*verify"):
         Manifest.load(tmp_path)
     (tmp_path / "shard_00001.npy").unlink()
-    with pytest.raises(FileNotFoundError, match="shard_00001.npy.*missing.*verify=.*Fix: restore"):
+    with pytest.raises(FileNotFoundError, match="shard_00001.npy.*missing.*verify=.*fix: restore"):
         Manifest.load(tmp_path)
     assert [(p.kind, p.file.name) for p in verify(tmp_path)] == [("missing", "shard_00001.npy")]
 

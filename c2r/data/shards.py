@@ -242,7 +242,7 @@ class Manifest:
                 error = FileNotFoundError if problem.kind == "missing" else ValueError
                 raise error(
                     f"{problem.message}; `python -m c2r.harvest verify={self.directory}` lists every damaged "
-                    f"file. Fix: {recreate_hint(self.directory)}"
+                    f"file; fix: {recreate_hint(self.directory)}"
                 )
 
 
