@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from c2r.data import HarvestedShards, Manifest
+from c2r.data import HarvestedShards, Manifest, verify
 from c2r.data.harvest import PROGRESS_NAME, HarvestError
 from c2r.data.lm import ModelError, load_model, tiny_random_llama
 from c2r.data.shards import ShardWriter
 from c2r.data.text import TextError, TextSource, pack_contexts, shuffle_buffer, tokenize_documents
-from c2r.harvest import verify_directory
 
 from conftest import TINY_JOB, run_cli
 
@@ -256,17 +255,17 @@ def test_killed_harvest_resumes_to_identical_bytes(docs, tmp_path, monkeypatch, 
 
 def test_checksum_mismatch_is_caught(docs, tmp_path):
     directory = tiny(docs, tmp_path / "cache").ensure()
-    assert verify_directory(directory) == []
+    assert verify(directory) == []
     shard = directory / "shard_00002.npy"
     data = bytearray(shard.read_bytes())
     data[-7] ^= 0x40
     shard.write_bytes(bytes(data))
-    problems = verify_directory(directory)
-    assert len(problems) == 1 and "shard_00002.npy" in problems[0] and "sha256 mismatch" in problems[0]
+    assert [(p.kind, p.file) for p in verify(directory)] == [("sha256", shard)]
 
     result = run_cli("c2r.harvest", f"verify={directory}", cwd=tmp_path, timeout=120)
     assert result.returncode == 1
-    assert "shard_00002.npy: sha256 mismatch" in result.stderr and "harvest again" in result.stderr
+    assert f"{shard} does not match the sha256" in result.stderr
+    assert f"Fix: delete {directory} and harvest it again" in result.stderr
 
 
 def test_corrupted_shard_at_train_time_names_the_file_and_the_fix(docs, tmp_path):
@@ -274,7 +273,7 @@ def test_corrupted_shard_at_train_time_names_the_file_and_the_fix(docs, tmp_path
     directory = source.ensure()
     shard = directory / "shard_00003.npy"
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated
-    with pytest.raises(HarvestError, match=r"shard_00003\.npy.*c2r\.harvest verify=.*delete the directory"):
+    with pytest.raises(HarvestError, match=r"shard_00003\.npy.*c2r\.harvest verify=.*fix: delete .* harvest it again"):
         tiny(docs, tmp_path / "cache").ensure()
 
 

@@ -89,8 +89,8 @@ def test_verify_detects_a_corrupted_byte(tmp_path):
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
     problems = verify(tmp_path)
-    assert len(problems) == 1
-    assert "shard_00002.npy" in problems[0] and "sha256" in problems[0]
+    assert [(p.kind, p.file) for p in problems] == [("sha256", path)]
+    assert "shard_00002.npy" in problems[0].message and "sha256" in problems[0].message
 
 
 def test_normalization_factor_uses_train_rows_only(tmp_path):
@@ -151,9 +151,9 @@ def test_load_missing_or_wrong_shard(tmp_path):
     with pytest.raises(ValueError, match=r"shard_00001.npy has shape \(3, 6\).*\(64, 6\).*verify"):
         Manifest.load(tmp_path)
     (tmp_path / "shard_00001.npy").unlink()
-    with pytest.raises(FileNotFoundError, match="shard_00001.npy.*missing.*re-create"):
+    with pytest.raises(FileNotFoundError, match="shard_00001.npy.*missing.*verify=.*fix: restore"):
         Manifest.load(tmp_path)
-    assert "shard_00001.npy: missing" in verify(tmp_path)
+    assert [(p.kind, p.file.name) for p in verify(tmp_path)] == [("missing", "shard_00001.npy")]
 
 
 def test_load_unknown_format_version(tmp_path):

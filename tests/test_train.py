@@ -9,6 +9,7 @@ from hydra.errors import InstantiationException
 
 from c2r import load_sae
 from c2r.data import ShardWriter, SyntheticShards
+from c2r.data.shards import sha256_file
 from c2r.train import train
 from conftest import TINY, TINY_JOB, run_cli, write_tiny_sweep_config
 
@@ -143,10 +144,14 @@ def test_non_finite_activations_stop_training_and_name_the_rows(compose_train, t
         rows = np.load(shard, mmap_mode="r+")
         rows[:, 3] = np.nan
         rows.flush()
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    for entry in manifest["shards"]:  # a manifest that vouches for the damage, else the sha256 check stops it first
+        entry["sha256"] = sha256_file(tmp_path / "shards" / entry["file"])
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
     cfg = compose_train(*TINY_JOB, "data=shards", f"data.path={tmp_path / 'shards'}")
     with pytest.raises(ValueError) as error:
         train(cfg)
-    assert "shard_0000" in str(error.value) and "row" in str(error.value)
+    assert "shard_0000" in str(error.value) and "row(s) [0, 1, 2, 3, 4] and more hold NaN/inf" in str(error.value)
 
 
 def test_shards_from_data_shards_train_like_synthetic(compose_train, tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from c2r.data.shards import Manifest, ShardEntry
+from c2r.data.shards import Manifest, ShardEntry, ShardIntegrityError, open_shard, recreate_hint
 
 
 @runtime_checkable
@@ -92,8 +92,12 @@ class BlockSampler(Sampler[int]):
 
     def indices(self) -> list[int]:
         """This rank's block indices for the current epoch, in order."""
+        return self.order(self.epoch)
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's block indices for ``epoch``, in order (a pure function of ``seed`` and ``epoch``)."""
         if self.shuffle:
-            gen = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+            gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
             order = torch.randperm(self.num_blocks, generator=gen)
         else:
             order = torch.arange(self.num_blocks)
@@ -121,9 +125,13 @@ class BlockStream(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         epoch, offset = divmod(self.start_step, len(self.epochs))
         while True:
-            self.epochs.set_epoch(epoch)
-            yield from self.epochs.indices()[offset:]
+            yield from self.epochs.order(epoch)[offset:]
             epoch, offset = epoch + 1, 0
+
+    def block_at(self, step: int) -> int:
+        """The block this rank reads at step ``step`` (counted from the start of training, not ``start_step``)."""
+        epoch, offset = divmod(step, len(self.epochs))
+        return self.epochs.order(epoch)[offset]
 
 
 class BlockDataset(Dataset[torch.Tensor]):
@@ -131,7 +139,10 @@ class BlockDataset(Dataset[torch.Tensor]):
 
     Shard ``s`` contributes ``rows_s // block_rows`` blocks in order; its last ``rows_s % block_rows``
     rows are never read (with the default sizes this is nothing, or part of the small last shard).
-    Memmaps are opened lazily on first access and not pickled, so each DataLoader worker opens its own.
+    Memmaps are opened lazily on first access and not pickled, so each DataLoader worker opens its own. Opening
+    a shard checks its sha256 (:func:`~c2r.data.shards.open_shard`: about 0.9 s per GiB, once per shard per
+    process, so with ``num_workers=W`` each worker hashes the shards it reads), and every block is bounded by
+    :func:`check_rows`, so damaged data stops the run at its first read, naming the file.
     """
 
     def __init__(self, manifest_dir: str | Path, shards: list[ShardEntry], block_rows: int, scale: float):
@@ -165,7 +176,7 @@ class BlockDataset(Dataset[torch.Tensor]):
 
     def _memmap(self, shard: int) -> np.ndarray:
         if shard not in self._memmaps:
-            self._memmaps[shard] = np.load(self.directory / self.shards[shard].file, mmap_mode="r")
+            self._memmaps[shard] = open_shard(self.directory, self.shards[shard])
         return self._memmaps[shard]
 
     def location(self, k: int) -> tuple[str, int]:
@@ -176,22 +187,33 @@ class BlockDataset(Dataset[torch.Tensor]):
     def __getitem__(self, k: int) -> torch.Tensor:
         shard, start = self._blocks[k]
         rows = np.array(self._memmap(shard)[start : start + self.block_rows], dtype=np.float32)
-        check_finite(rows, self.directory / self.shards[shard].file, first_row=start)
+        check_rows(rows, self.directory, self.shards[shard], first_row=start)
         block = torch.from_numpy(rows)
         block.mul_(self.scale)
         return block
 
 
-def check_finite(rows: np.ndarray, file: Path, first_row: int = 0) -> None:
-    """Raise naming the shard file and row numbers when ``rows`` hold NaN or inf."""
-    finite = np.isfinite(rows).all(axis=1)
-    if not finite.all():
-        bad = (np.flatnonzero(~finite)[:5] + first_row).tolist()
-        raise ValueError(
-            f"non-finite values (NaN/inf) in shard file {file} at row(s) {bad}"
-            f"{' and more' if (~finite).sum() > len(bad) else ''}; the shards are damaged: run "
-            f"c2r.data.verify({str(file.parent)!r}) and re-create the shard directory"
-        )
+def check_rows(rows: np.ndarray, directory: Path, entry: ShardEntry, first_row: int = 0) -> None:
+    """Raise naming the shard file and row numbers when ``rows`` hold values the shard was not written with:
+    NaN/inf, or a ``|value|`` above the largest one its manifest records (``max_abs``, exact, so any larger value
+    is damage, e.g. a flipped exponent bit turning 0.5 into 5.6e26). Manifests without ``max_abs`` (written before
+    c2r recorded it) get the NaN/inf check only. One ``|x|.max`` per row: cheap next to the SAE's matmuls.
+    """
+    row_max = np.abs(rows).max(axis=1)
+    bound = np.inf if entry.max_abs is None else entry.max_abs
+    bad = ~(np.isfinite(row_max) & (row_max <= bound))
+    if not bad.any():
+        return
+    where = (np.flatnonzero(bad)[:5] + first_row).tolist()
+    more = " and more" if bad.sum() > len(where) else ""
+    worst = row_max[bad]
+    found = "NaN/inf" if not np.isfinite(worst).all() else f"|values| up to {float(worst.max()):.3g}"
+    recorded = "" if entry.max_abs is None else f" (its manifest records a largest |value| of {entry.max_abs:.4g})"
+    raise ShardIntegrityError(
+        f"shard file {Path(directory) / entry.file} row(s) {where}{more} hold {found}, which the shard was not "
+        f"written with{recorded}: the file was damaged after its checksum was recorded or checked; "
+        f"fix: {recreate_hint(directory)}"
+    )
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -284,9 +306,8 @@ class ActivationDataModule(L.LightningDataModule):
         parts = []
         remaining = n
         for entry in manifest.train_shards:
-            path = manifest.path(entry.file)
-            rows = np.array(np.load(path, mmap_mode="r")[:remaining], dtype=np.float32)
-            check_finite(rows, path)
+            rows = np.array(open_shard(manifest.directory, entry)[:remaining], dtype=np.float32)
+            check_rows(rows, manifest.directory, entry)
             parts.append(rows)
             remaining -= len(rows)
             if remaining == 0:
@@ -294,9 +315,16 @@ class ActivationDataModule(L.LightningDataModule):
         out = torch.from_numpy(np.concatenate(parts))
         return out.mul_(manifest.normalization_factor)
 
+    def describe_training_batch(self, step: int) -> str:
+        """Where the block this rank trains on at global optimiser step ``step`` comes from, e.g.
+        ``/cache/shards/shard_00003.npy rows 1024-1151``: for error messages about one batch (a non-finite loss)."""
+        dataset, sampler = self._blocks(self.manifest.train_shards, shuffle=True, split="train")
+        file, start = dataset.location(BlockStream(sampler).block_at(step))
+        return f"{self.manifest.path(file)} rows {start}-{start + dataset.block_rows - 1}"
+
     # ---- helpers ---------------------------------------------------------------------------------
-    def _loader(self, shards: list[ShardEntry], *, shuffle: bool, split: str, start_step: int | None = None) -> DataLoader:
-        """Validation: one pass in order. Training (``start_step`` given): the endless shuffled stream."""
+    def _blocks(self, shards: list[ShardEntry], *, shuffle: bool, split: str) -> tuple[BlockDataset, BlockSampler]:
+        """The blocks of ``shards`` and this rank's order over them, epoch by epoch."""
         manifest = self.manifest
         rank, world = self.rank_and_world
         dataset = BlockDataset(manifest.directory, shards, self.block_rows, manifest.normalization_factor)
@@ -307,6 +335,11 @@ class ActivationDataModule(L.LightningDataModule):
                 "batch_size or fewer devices"
             )
         sampler = BlockSampler(len(dataset), seed=self.seed, shuffle=shuffle, rank=rank, world_size=world)
+        return dataset, sampler
+
+    def _loader(self, shards: list[ShardEntry], *, shuffle: bool, split: str, start_step: int | None = None) -> DataLoader:
+        """Validation: one pass in order. Training (``start_step`` given): the endless shuffled stream."""
+        dataset, sampler = self._blocks(shards, shuffle=shuffle, split=split)
         if start_step is not None:
             sampler = BlockStream(sampler, start_step)
         return DataLoader(

@@ -210,10 +210,7 @@ class HarvestedShards:
         try:
             return Manifest.load(target)
         except (OSError, ValueError) as err:
-            raise HarvestError(
-                f"the cached shards in {target} are damaged: {err}. `python -m c2r.harvest verify={target}` "
-                f"lists every bad file; delete the directory and rerun to harvest them again"
-            ) from err
+            raise HarvestError(f"the cached shards in {target} are damaged: {err}") from err
 
     # ---- harvesting --------------------------------------------------------------------------------
     def harvest(self, model: LanguageModel | None = None) -> Manifest:
@@ -270,8 +267,8 @@ class HarvestedShards:
         if need - writer.rows_written * d * np.dtype(self.dtype).itemsize > free:
             raise HarvestError(
                 f"not enough disk space in {target.parent}: the shards need about {need / 1e9:.2f} GB and "
-                f"{free / 1e9:.2f} GB are free. Free some space, set cache_dir= to a larger disk, lower tokens, "
-                "or use dtype=float16"
+                f"{free / 1e9:.2f} GB are free. Free some space, set cache_dir= to a larger disk or lower tokens"
+                + (", or use dtype=float16 (half the size)" if self.dtype != "float16" else "")
             )
         progress = self._read_progress(target, writer.rows_written)
         start_batch = progress["batch"]

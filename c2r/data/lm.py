@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_RANDOM_VERSION = 1
 # Bump when the cached SmolLM2 conversion changes.
 CONVERSION_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -195,12 +198,18 @@ def _load_smollm2(cache_dir: str | Path | None) -> tuple[torch.nn.Module, Any]:
 
 
 def _save_converted(model: torch.nn.Module, tokenizer: Any, target: Path) -> None:
-    """Save the dequantised model as an ordinary float32 checkpoint (atomically: temp folder, rename)."""
+    """Save the dequantised model as an ordinary float32 checkpoint (atomically: temp folder, rename).
+
+    The copy only saves time, so a full or read-only cache must not stop the caller: a failure (an ``OSError``,
+    or safetensors' own ``SafetensorError`` for a full disk) is logged as one line with the path, the bytes the
+    copy needs, what is free and the fix, and loading goes on from the GGUF file.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # the weights are plain float32 now
@@ -209,10 +218,21 @@ def _save_converted(model: torch.nn.Module, tokenizer: Any, target: Path) -> Non
         tokenizer.save_pretrained(tmp)
         if not target.exists():  # else a concurrent run saved it first
             os.replace(tmp, target)
-    except OSError:
-        pass  # the copy only saves time; a read-only or full cache must not stop the harvest
+    except (OSError, SafetensorError) as err:
+        needed = sum(p.numel() * p.element_size() for p in model.parameters())
+        log.warning(
+            f"could not keep the dequantised {SMOLLM2} copy in {target} ({' '.join(str(err).split())}): it needs "
+            f"about {needed / 1e6:.0f} MB and {_free_mb(target.parent):.0f} MB are free there. Free some space or "
+            "set cache_dir= to a larger disk; until then every load dequantises the GGUF file again (~40 s)"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _free_mb(directory: Path) -> float:
+    """Free space where ``directory`` is (or would be): its nearest existing parent's disk."""
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("."))
+    return shutil.disk_usage(existing).free / 1e6
 
 
 def tiny_random_llama(seed: int = 0) -> tuple[torch.nn.Module, Any]:

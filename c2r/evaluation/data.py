@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from c2r.data.shards import Manifest, ShardEntry
+from c2r.data.datamodule import check_rows
+from c2r.data.shards import Manifest, ShardEntry, open_shard
 
 SPLITS = ("val", "train", "all")
 
@@ -42,11 +43,11 @@ class EvalRows:
 
     def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[RowBatch]:
         for entry, count in self.shards:
-            array = np.load(self.manifest.path(entry.file), mmap_mode="r")
+            array = open_shard(self.directory, entry)
             for start in range(0, count, batch_size):
-                stop = min(start + batch_size, count)
-                x = torch.from_numpy(np.array(array[start:stop], dtype=np.float32)).to(device)
-                yield RowBatch(x=x, shard=entry.file, start=start)
+                rows = np.array(array[start : min(start + batch_size, count)], dtype=np.float32)
+                check_rows(rows, self.directory, entry, first_row=start)
+                yield RowBatch(x=torch.from_numpy(rows).to(device), shard=entry.file, start=start)
 
 
 def select_rows(shard_dir: str | Path, *, tokens: int, split: str = "val") -> EvalRows:
