@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from c2r.jsonfile import write_json
 from c2r.sae import SparseAutoencoder
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -61,7 +62,7 @@ def export_sae(
         **extra_fields,
         **(extra_cfg or {}),
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    write_json(directory / CONFIG_FILE, cfg)
     return directory
 
 
