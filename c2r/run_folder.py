@@ -19,12 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.yaml"
+RUN_HYDRA = "run_hydra.yaml"
 FAILED = "FAILED"
 LOCK = ".lock"
 METRICS = "metrics.json"
@@ -136,9 +138,9 @@ def config_changes(old: DictConfig, new: DictConfig) -> list[str]:
 
 
 def content_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved content-relevant settings of a training config as ``{dotted key: value}``."""
-    kept = OmegaConf.masked_copy(cfg, [key for key in cfg if key not in ("hydra", "logger")])
-    flat = _flatten(OmegaConf.to_container(kept, resolve=True))
+    """The content-relevant settings of a training config as ``{dotted key: value}``, interpolations unresolved
+    (``model.seed: ${seed}``), so a change shows once, at the key that was set."""
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=False))
     return {
         key: value for key, value in flat.items()
         if not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_CONTENT)
@@ -152,9 +154,16 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def save_run_config(cfg: DictConfig, path: Path) -> None:
-    """The composed config as Hydra saves it (interpolations kept), without Hydra's own settings."""
+    """The composed config as Hydra saves it (interpolations kept), without Hydra's own settings; those (the
+    group choices and overrides the report reads) go beside it as ``run_hydra.yaml``."""
+    _save(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), path)
+    if HydraConfig.initialized():
+        _save(OmegaConf.create({"hydra": HydraConfig.get()}), path.with_name(RUN_HYDRA))
+
+
+def _save(cfg: DictConfig, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
-    OmegaConf.save(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), temporary)
+    OmegaConf.save(cfg, temporary)
     temporary.replace(path)
 
 
@@ -169,6 +178,17 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
         "`python -m c2r.train` run writes them). To evaluate an exported SAE without its run, use sae=<folder> "
         "data=<option>"
     )
+
+
+def load_run_hydra(run_dir: Path) -> DictConfig:
+    """Hydra's settings of the run's launch (``run_hydra.yaml``; older runs: ``.hydra/hydra.yaml``)."""
+    path = run_dir / RUN_HYDRA
+    return OmegaConf.load(path if path.is_file() else run_dir / ".hydra" / "hydra.yaml").hydra
+
+
+def is_training_config(cfg: DictConfig) -> bool:
+    """A ``python -m c2r.train`` config (not, e.g., a ``c2r.evaluate`` job's)."""
+    return "model" in cfg and "train_tokens" in cfg
 
 
 def mark_failed(run_dir: Path, error: BaseException) -> None:
