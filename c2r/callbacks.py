@@ -1,7 +1,9 @@
-"""Lightning callbacks for what a dashboard shows beyond the losses: throughput and latent histograms."""
+"""Lightning callbacks for what a dashboard or a log shows beyond the losses: throughput, latent histograms and
+plain progress lines."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -11,6 +13,8 @@ import wandb
 from lightning.pytorch.loggers import WandbLogger
 
 from c2r.evaluation.core import decoder_max_cosines
+
+log = logging.getLogger(__name__)
 
 MIN_FREQUENCY = 1e-7
 """Latents that never fired in the validation pass are drawn at log10 of this (left of every live latent)."""
@@ -68,3 +72,53 @@ class TokensPerSecond(L.Callback):
         if now > started and tokens > tokens_before:
             pl_module.log("details/tokens_per_second", (tokens - tokens_before) / (now - started))
         self._since = (now, tokens)
+
+
+class ProgressLog(L.Callback):
+    """A plain progress line through the ``logging`` module every ``every`` steps, for logs without a terminal
+    (nohup, Slurm), where a progress bar shows only its last frame:
+
+    ``step 120/256 (47%) | tokens 245,760 | loss 0.0312 | L0 32.0 | FVU 0.081 | 8,200 tok/s | ETA 0:00:17``
+
+    Reads the training batch's logged values, so it syncs the device only on its own steps.
+    """
+
+    def __init__(self, every: int, total_steps: int) -> None:
+        self.every = max(1, int(every))
+        self.total_steps = total_steps
+        self._since: tuple[float, int, int] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._since = (time.perf_counter(), trainer.global_step, int(pl_module.tokens_seen))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self._since is None or (step % self.every and step != self.total_steps) or not trainer.is_global_zero:
+            return
+        now, tokens = time.perf_counter(), int(pl_module.tokens_seen)
+        started, first_step, first_tokens = self._since
+        elapsed = max(now - started, 1e-9)
+        rate = (tokens - first_tokens) / elapsed
+        eta = (self.total_steps - step) * elapsed / max(step - first_step, 1)
+        metrics = trainer.callback_metrics
+        parts = [
+            f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)",
+            f"tokens {tokens:,}",
+            f"loss {float(outputs['loss']):.4g}",
+            f"L0 {_value(metrics, 'metrics/l0'):.3g}",
+            f"FVU {1 - _value(metrics, 'metrics/explained_variance'):.3g}",
+            f"{rate:,.0f} tok/s",
+            f"ETA {_duration(eta)}",
+        ]
+        log.info(" | ".join(parts))
+
+
+def _value(metrics: dict[str, torch.Tensor], name: str) -> float:
+    return float(metrics[name]) if name in metrics else float("nan")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

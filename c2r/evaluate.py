@@ -1,6 +1,6 @@
 """``python -m c2r.evaluate``: evaluate a trained SAE and write ``eval.json``, ``eval.md`` and ``eval_*.png``.
 
-``run=<run folder>`` evaluates ``<run>/sae`` on the run's own data config (``<run>/.hydra/config.yaml``) and
+``run=<run folder>`` evaluates ``<run>/sae`` on the run's own data config (``<run>/run_config.yaml``) and
 writes into the run folder; ``sae=<exported SAE folder>`` evaluates an SAE on the data selected with ``data=...``.
 The SAE is evaluated through :func:`c2r.load_sae`, i.e. in its exported, inference form on raw activations: what
 users and SAELens/SAEBench see (BatchTopK as JumpReLU with its inference threshold). See ``conf/evaluate.yaml``
@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from c2r.evaluation import EVALS, RESULTS_FILE, run_evaluation
 from c2r.export import load_sae
+from c2r.run_folder import failures_recorded, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,6 @@ def settings_of(cfg: DictConfig) -> dict[str, Any]:
     """The evaluation settings in an ``evaluate`` config, as plain values."""
     keys = [key for key in (*RUN_SETTINGS, *EVALS) if key in cfg]
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
-
-
-def load_run_config(run_dir: str | Path) -> DictConfig:
-    """The composed training config a run saved (``<run>/.hydra/config.yaml``)."""
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{run_dir} is not a training run folder: {path} is missing (a `python -m c2r.train` run writes it). "
-            "To evaluate an exported SAE without its run, use sae=<folder> data=<option>"
-        )
-    return OmegaConf.load(path)
 
 
 def evaluate_sae_on(
@@ -108,8 +98,11 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="pkg://c2r.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entrypoint; returns the FVU (when the core eval ran) so sweepers can read it."""
-    result = evaluate(cfg)
+    """Hydra entrypoint; returns the FVU (when the core eval ran) so sweepers can read it. A failure leaves
+    ``FAILED`` in this job's folder and its traceback in the job's log."""
+    logging.captureWarnings(True)
+    with failures_recorded(Path(HydraConfig.get().runtime.output_dir)):
+        result = evaluate(cfg)
     return result.get("core", {}).get("fvu")
 
 

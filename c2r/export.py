@@ -20,9 +20,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from c2r.jsonfile import write_json
 from c2r.sae import SparseAutoencoder
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -61,7 +63,7 @@ def export_sae(
         **extra_fields,
         **(extra_cfg or {}),
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    write_json(directory / CONFIG_FILE, cfg)
     return directory
 
 
@@ -103,12 +105,29 @@ class InferenceSAE(nn.Module):
 
 
 def load_sae(path: str | Path) -> InferenceSAE:
-    """Load an exported SAE (a folder with ``cfg.json`` and ``sae_weights.safetensors``)."""
+    """Load an exported SAE (a folder with ``cfg.json`` and ``sae_weights.safetensors``); a damaged or incomplete
+    folder raises ``ValueError`` naming the file, before any work is done with it."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(
             f"{path} is not an exported SAE: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it "
             "(a training run writes them to <run dir>/sae)"
         )
-    cfg = json.loads((path / CONFIG_FILE).read_text())
-    return InferenceSAE(cfg, load_file(path / WEIGHTS_FILE))
+    fix = "re-export it (training writes <run dir>/sae) or restore the file"
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({error}): {fix}") from None
+    missing = [key for key in required_cfg_keys(cfg) if key not in cfg]
+    if missing:
+        raise ValueError(f"{path / CONFIG_FILE} lacks the key(s) {', '.join(missing)}: {fix}")
+    try:
+        tensors = load_file(path / WEIGHTS_FILE)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path / WEIGHTS_FILE} cannot be read ({error}): {fix}") from None
+    return InferenceSAE(cfg, tensors)
+
+
+def required_cfg_keys(cfg: dict) -> list[str]:
+    """The ``cfg.json`` keys inference needs: the architecture, the sizes, and ``k`` for TopK."""
+    return ["architecture", "d_in", "d_sae", *(["k"] if cfg.get("architecture") == "topk" else [])]

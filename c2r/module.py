@@ -6,8 +6,10 @@ normalised activations.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -40,10 +42,7 @@ class SAEModule(L.LightningModule):
         total_steps: int = 1000,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        if not 0 <= decay_fraction <= 1:
-            raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
+        self.check_optim(lr=lr, decay_fraction=decay_fraction)
         self.sae = sae
         self.regularizers = nn.ModuleDict(dict(regularizers or {}))
         self.lr = lr
@@ -56,6 +55,19 @@ class SAEModule(L.LightningModule):
         self.val_firing_frequency: Tensor | None = None  # [F], over the last validation pass (all ranks)
         # Checkpointed with the weights (also the only progress a ddp_spawn run hands back to its parent).
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        # Seconds of training over all launches (checkpointed, so a resumed run's wall time is cumulative). Each
+        # launch counts from ``launch_time``, which the entrypoint sets to its start (data preparation included).
+        self.register_buffer("wall_time_s", torch.zeros((), dtype=torch.float64))
+        self.launch_time = time.time()
+        self._wall_time_before_launch = 0.0
+
+    @staticmethod
+    def check_optim(*, lr: float, decay_fraction: float = 0.2, **_: Any) -> None:
+        """Refuse optimiser settings that cannot train (also called on the config before any data work)."""
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not 0 <= decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
 
     def loss_terms(self, x: Tensor, step: int) -> tuple[dict[str, tuple[Tensor, float]], SAEOutput]:
         """All loss terms at ``step`` as ``name -> (raw, weight)``; scheduled regularizers appear only on the
@@ -80,7 +92,12 @@ class SAEModule(L.LightningModule):
             for metric, value in regularizer.metrics.items():
                 self.log(f"details/{name}/{metric}", value)
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def on_train_start(self) -> None:
+        self._wall_time_before_launch = float(self.wall_time_s)  # restored from the checkpoint when resuming
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor | dict[str, Tensor]]:
+        """The loss, plus every raw term for callbacks (the non-finite guard) as ``outputs["terms"]``."""
+        self.wall_time_s.fill_(self._wall_time_before_launch + time.time() - self.launch_time)
         terms, out = self.loss_terms(batch, self.global_step)
         loss = sum(weight * value for value, weight in terms.values())
         for name, (value, weight) in terms.items():
@@ -102,7 +119,7 @@ class SAEModule(L.LightningModule):
         self.log("sparsity/dead_features", dead.sum().float())
         self.log("sparsity/dead_fraction", dead.float().mean())
         self.log("details/lr", self.optimizers().param_groups[0]["lr"])
-        return loss
+        return {"loss": loss, "terms": {name: value.detach() for name, (value, _) in terms.items()}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.sae.remove_parallel_gradient()

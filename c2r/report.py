@@ -1,8 +1,9 @@
 """``python -m c2r.report <sweep folder>``: one table of every job of a sweep, and the plots that compare them.
 
-A job is a folder holding ``.hydra/config.yaml`` (what Hydra saved when it started); it is finished once its
-``metrics.json`` exists, and evaluated once its ``eval.json`` exists. The report writes into the sweep folder
-(or ``--out``):
+A job is a training run folder (its ``run_config.yaml``, or for older runs ``.hydra/config.yaml``); it is
+finished once its ``metrics.json`` exists, failed while its ``FAILED`` exists, and evaluated once its
+``eval.json`` exists. Other folders with Hydra files (``c2r.evaluate`` jobs, ...) are skipped and listed. The
+report writes into the sweep folder (or ``--out``):
 
 - ``report.csv`` and ``report.md``: one row per job: its settings (the swept keys plus architecture,
   regularizer, coef, dictionary size, k, seed), the final training metrics (``train.*``) and every scalar
@@ -29,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
 from c2r.evaluation import RESULTS_FILE, scalar_metrics
 from c2r.evaluation.plots import plt, save_figure
+from c2r.run_folder import RUN_CONFIG, failure_of, is_training_config, load_run_config, load_run_hydra
 
 COEF_METRICS = re.compile(r"^(?!.*_parents).*(absorption|splitting)")
 """Evaluation columns plotted against the coefficient: every absorption and splitting measure (not the counts
@@ -50,18 +52,21 @@ class Job:
     finished: bool
     settings: dict[str, Any]
     metrics: dict[str, float]
+    error: str | None = None  # the first line of FAILED
+
+    @property
+    def status(self) -> str:
+        return "finished" if self.finished else "failed" if self.error else "unfinished"
 
     @property
     def row(self) -> dict[str, Any]:
-        return {"job": self.name, "status": "finished" if self.finished else "unfinished", **self.settings,
-                **self.metrics}
+        return {"job": self.name, "status": self.status, **self.settings, **self.metrics}
 
 
-def read_job(path: Path, sweep_dir: Path) -> Job:
-    """A job from Hydra's files in ``path/.hydra`` plus its ``metrics.json`` and ``eval.json`` where they exist."""
-    hydra_dir = path / ".hydra"
-    config = OmegaConf.load(hydra_dir / "config.yaml")
-    hydra = OmegaConf.load(hydra_dir / "hydra.yaml").hydra  # Hydra writes it next to config.yaml
+def read_job(path: Path, sweep_dir: Path, config: DictConfig) -> Job:
+    """A job from its saved config and Hydra settings plus its ``metrics.json`` and ``eval.json`` where they
+    exist."""
+    hydra = load_run_hydra(path)
     choices, overrides = hydra.runtime.choices, hydra.overrides.task
     # Keys Hydra leaves out of job folder names (hardware, logger, ...) do not describe the experiment either.
     unnamed = set(hydra.job.config.override_dirname.exclude_keys)
@@ -87,24 +92,33 @@ def read_job(path: Path, sweep_dir: Path) -> Job:
         metrics.update({f"train.{name}": value for name, value in trained.items() if _is_number(value)})
     if (path / RESULTS_FILE).is_file():
         metrics.update(scalar_metrics(json.loads((path / RESULTS_FILE).read_text())))
-    return Job(str(path.relative_to(sweep_dir)), finished, settings, metrics)
+    return Job(str(path.relative_to(sweep_dir)), finished, settings, metrics, failure_of(path))
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def find_jobs(sweep_dir: Path) -> list[Job]:
-    """Every job folder under ``sweep_dir`` (any depth), in path order."""
+def find_jobs(sweep_dir: Path) -> tuple[list[Job], list[str]]:
+    """Every training job folder under ``sweep_dir`` (any depth), in path order, and the other folders with
+    Hydra files that were skipped (relative paths)."""
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir} is not a folder: pass a sweep folder (e.g. outputs/sweeps/<time>)")
-    paths = sorted(p.parent.parent for p in sweep_dir.glob("**/.hydra/config.yaml"))
-    if not paths:
+    paths = sorted({p.parent.parent for p in sweep_dir.glob("**/.hydra/config.yaml")}
+                   | {p.parent for p in sweep_dir.glob(f"**/{RUN_CONFIG}")})
+    jobs, skipped = [], []
+    for path in paths:
+        config = load_run_config(path)
+        if is_training_config(config):
+            jobs.append(read_job(path, sweep_dir, config))
+        else:
+            skipped.append(str(path.relative_to(sweep_dir)))
+    if not jobs:
         raise FileNotFoundError(
-            f"no jobs under {sweep_dir}: a job folder holds .hydra/config.yaml, which `python -m c2r.train -m ...` "
-            "writes for every job under hydra.sweep.dir"
+            f"no training jobs under {sweep_dir}: a job folder holds run_config.yaml and .hydra/, which "
+            "`python -m c2r.train -m ...` writes for every job under hydra.sweep.dir"
         )
-    return [read_job(path, sweep_dir) for path in paths]
+    return jobs, skipped
 
 
 def columns_of(jobs: Sequence[Job]) -> list[str]:
@@ -240,7 +254,7 @@ def plot_coefficients(jobs: Sequence[Job], path: Path, metrics: Sequence[str] | 
 
 def write_report(sweep_dir: Path, out_dir: Path | None = None, metrics: Sequence[str] | None = None) -> dict:
     """Write the table and plots of the sweep in ``sweep_dir``; returns what was written and the job counts."""
-    jobs = find_jobs(sweep_dir)
+    jobs, skipped = find_jobs(sweep_dir)
     out_dir = out_dir or sweep_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(jobs, out_dir / "report.csv", out_dir / "report.md")
@@ -250,7 +264,9 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, metrics: Sequence
     return {
         "jobs": len(jobs),
         "finished": len(finished),
-        "unfinished": [job.name for job in jobs if not job.finished],
+        "unfinished": [job.name for job in jobs if job.status == "unfinished"],
+        "failed": {job.name: job.error for job in jobs if job.status == "failed"},
+        "skipped": skipped,
         "files": [str(out_dir / name) for name in ("report.csv", "report.md")] + [str(p) for p in plots if p],
     }
 
@@ -270,6 +286,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{summary['finished']} of {summary['jobs']} jobs finished")
     if summary["unfinished"]:
         print("unfinished (relaunch the sweep command to finish them): " + ", ".join(summary["unfinished"]))
+    for name, error in summary["failed"].items():
+        print(f"failed: {name}: {error} (the traceback is in its FAILED file)")
+    if summary["skipped"]:
+        print("skipped (not training jobs): " + ", ".join(summary["skipped"]))
     print("wrote " + "\n      ".join(summary["files"]))
 
 

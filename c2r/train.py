@@ -1,14 +1,16 @@
 """``python -m c2r.train``: train one SAE (or, with ``-m``, a sweep of them) from activation shards.
 
-Order of work: cheap config checks first (so bad input fails before any compute), then the shards (created if
-missing), then training, a final validation, and the run folder's ``metrics.json`` and exported SAE.
-Relaunching a job in the same run folder is idempotent: a finished job is skipped, an interrupted one resumes.
+Order of work: cheap config checks first (so bad input fails before any compute), then the run folder's claim
+(lock, settings unchanged), then the shards (created if missing), training, a final validation, and the run
+folder's exported SAE and ``metrics.json``. Relaunching a job in the same run folder is idempotent: a finished
+job is skipped, an interrupted one resumes (see :mod:`c2r.run_folder` for what a relaunch may change).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -18,14 +20,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from c2r.callbacks import LatentHistograms, TokensPerSecond
+from c2r.callbacks import LatentHistograms, ProgressLog, TokensPerSecond
 from c2r.checkpointing import FinalAndPeriodicCheckpoint, training_plugins
+from c2r.config_checks import check_train_config
 from c2r.data import ActivationDataModule
 from c2r.evaluate import evaluate_run
 from c2r.export import export_sae
+from c2r.jsonfile import write_json
 from c2r.loggers import finish_logging, log_evaluation
 from c2r.module import SAEModule
+from c2r.nonfinite import NonFiniteLossGuard, check_finite_metrics
 from c2r.regularizers import Regularizer
+from c2r.run_folder import METRICS, claimed, failures_recorded
 
 DECODER_BIAS_SAMPLE_ROWS = 8192
 log = logging.getLogger(__name__)
@@ -63,17 +69,19 @@ def resolve_d_in(configured: int | None, from_shards: int, shard_dir: Path) -> i
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job as configured; returns the final validation metrics."""
     started = time.time()
+    check_train_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    metrics_path = run_dir / "metrics.json"  # written last: its presence marks a finished job
-    if metrics_path.exists():
-        log.info(f"{run_dir} has finished already ({metrics_path.name} exists): skipping it")
-        return json.loads(metrics_path.read_text())
+    with claimed(run_dir, cfg):
+        metrics_path = run_dir / METRICS  # written last: its presence marks a finished job
+        if metrics_path.exists():
+            log.info(f"{run_dir} has finished already ({metrics_path.name} exists): skipping it")
+            return json.loads(metrics_path.read_text())
+        return fit_and_export(cfg, run_dir, started)
+
+
+def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, float]:
+    """Data, SAE, training (or its resumption), final validation, export, evaluation, then ``metrics.json``."""
     max_steps = cfg.train_tokens // cfg.batch_size
-    if max_steps < 1:
-        raise ValueError(
-            f"train_tokens={cfg.train_tokens} is less than one batch (batch_size={cfg.batch_size}): "
-            "raise train_tokens or lower batch_size"
-        )
     L.seed_everything(cfg.seed, workers=True)
     regularizers = build_regularizers(cfg)
     # Constructors validate their arguments, so building the SAE before the data work makes bad input fail
@@ -90,37 +98,45 @@ def train(cfg: DictConfig) -> dict[str, float]:
     sae.init_decoder_bias(datamodule.sample_rows(min(DECODER_BIAS_SAMPLE_ROWS, datamodule.manifest.train_rows)))
 
     module = SAEModule(sae, regularizers, **cfg.optim, total_steps=max_steps)
+    module.launch_time = started
     logger = instantiate(cfg.logger) if cfg.logger else False
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     checkpoint = FinalAndPeriodicCheckpoint(
         dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every
     )
+    # A progress bar only where a terminal shows it; elsewhere (nohup, Slurm) plain lines in the log.
+    progress_bar = bool(cfg.trainer.enable_progress_bar) and sys.stderr.isatty()
+    callbacks = [checkpoint, NonFiniteLossGuard(cfg.trainer.log_every_n_steps), TokensPerSecond(), LatentHistograms()]
+    if not progress_bar:
+        callbacks.append(ProgressLog(cfg.progress_every, max_steps))
     trainer = L.Trainer(
         **cfg.hardware,
-        **cfg.trainer,
+        **{**cfg.trainer, "enable_progress_bar": progress_bar},
         max_steps=max_steps,
         check_val_every_n_epoch=None,
         logger=logger,
-        callbacks=[checkpoint, TokensPerSecond(), LatentHistograms()],
+        callbacks=callbacks,
         plugins=training_plugins(),
-        use_distributed_sampler=False,  # the DataModule splits blocks across ranks itself (DESIGN.md §3)
+        use_distributed_sampler=False,  # the DataModule splits blocks across ranks itself
         default_root_dir=run_dir,
     )
     # A relaunched job (same run folder) continues from its last checkpoint: weights, optimiser, schedule,
     # C²R state and the data stream's position (the DataModule restarts it at the restored global step).
-    resume_from = checkpoint.last_path if checkpoint.last_path.exists() else None
+    resume_from = checkpoint.resume_path()
     if resume_from:
         log.info(f"resuming from {resume_from}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    fit_ended = time.time()
     (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    check_finite_metrics(final, "the final validation")
 
     metrics = {
         **{name.removeprefix("val/"): float(value) for name, value in final.items()},
         "dead_fraction": float(module.sae.dead_mask().float().mean()),
         "steps": int(module.tokens_seen) // cfg.batch_size,
         "tokens": int(module.tokens_seen),
-        "wall_time_s": round(time.time() - started, 2),
+        "wall_time_s": round(float(module.wall_time_s) + time.time() - fit_ended, 2),  # over all launches
     }
     if trainer.is_global_zero:
         provenance = datamodule.manifest.source
@@ -135,9 +151,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             evaluation = evaluate_run(run_dir, cfg, **OmegaConf.to_container(cfg.evaluation, resolve=True))
             if logger:
                 log_evaluation(logger, evaluation, run_dir, step=trainer.global_step)
-        temporary = metrics_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(metrics, indent=2))
-        temporary.replace(metrics_path)
+        write_json(run_dir / METRICS, metrics)
     if logger:
         finish_logging(logger, metrics)
     return metrics
@@ -145,8 +159,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="pkg://c2r.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Hydra entrypoint; returns the final FVU so sweepers can optimise it."""
-    return train(cfg)["fvu"]
+    """Hydra entrypoint; returns the final FVU so sweepers can optimise it. Warnings and errors also go to the
+    job's ``train.log``."""
+    logging.captureWarnings(True)
+    with failures_recorded(Path(HydraConfig.get().runtime.output_dir)):
+        return train(cfg)["fvu"]
 
 
 if __name__ == "__main__":

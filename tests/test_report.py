@@ -93,7 +93,7 @@ def test_report_writes_table_and_plots_and_lists_unfinished_jobs(tmp_path, capsy
 
 
 def test_report_refuses_a_folder_without_jobs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no jobs under"):
+    with pytest.raises(FileNotFoundError, match="no training jobs under"):
         find_jobs(tmp_path)
     with pytest.raises(SystemExit, match="is not a folder"):
         main([str(tmp_path / "missing")])

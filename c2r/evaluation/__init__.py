@@ -15,7 +15,6 @@ ignores ``update`` and does its work in ``finalize``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from c2r.evaluation.data import EvalRows, select_rows
 from c2r.evaluation.first_letter import first_letter_eval
 from c2r.evaluation.ground_truth import GroundTruthEval
 from c2r.evaluation.report import write_report
+from c2r.jsonfile import write_json
 
 RESULTS_FILE = "eval.json"
 REPORT_FILE = "eval.md"
@@ -169,7 +169,7 @@ def run_evaluation(
         "wall_time_s": round(time.time() - started, 2),
     }
     if out_dir is not None:
-        (out_dir / RESULTS_FILE).write_text(json.dumps(result, indent=2))
+        write_json(out_dir / RESULTS_FILE, result)
         write_report(result, out_dir / REPORT_FILE)
     return result
 
