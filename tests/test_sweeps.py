@@ -27,6 +27,20 @@ def test_every_sweep_file_is_tested():
     assert sorted(p.stem for p in SWEEPS.glob("*.yaml")) == ["ground_truth_grid", "paper_gemma2", "smollm2_grid"]
 
 
+@pytest.mark.parametrize(
+    "arm, coef, search", [("baseline", 0, "candidates"), ("c2r_paper", 5, "chunked"), ("c2r_exact", 5, "candidates")]
+)
+def test_paper_grid_arms(arm, coef, search):
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(SWEEPS), version_base="1.3"):
+            cfg = compose("paper_gemma2", overrides=[f"arm={arm}"])
+    finally:
+        GlobalHydra.instance().clear()
+    assert (cfg.regularizer.coef, cfg.regularizer.neighbor_search) == (coef, search)
+    assert cfg.regularizer.chunk_size == 8192
+
+
 def test_paper_grid_is_the_papers_setting_on_slurm():
     cfg = compose_sweep("paper_gemma2")
     assert cfg.data.source.model == "google/gemma-2-2b" and cfg.data.source.hook == "blocks.12.hook_resid_post"
@@ -34,7 +48,8 @@ def test_paper_grid_is_the_papers_setting_on_slurm():
     assert (cfg.regularizer.alpha, cfg.regularizer.interval) == (1.0, 5)
     params = grid(cfg)
     assert params["model"] == ["topk", "batchtopk", "matryoshka"]
-    assert all(60 <= int(k) <= 120 for k in params["model.k"]) and params["regularizer.coef"] == ["0", "5"]
+    assert all(60 <= int(k) <= 120 for k in params["model.k"])
+    assert params["arm"] == ["baseline", "c2r_paper", "c2r_exact"]  # one baseline, the paper's C²R, exact C²R
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.tasks_per_node == cfg.hardware.devices == 1
     assert cfg.hardware.precision == "bf16-mixed"
