@@ -8,9 +8,9 @@ neighbour is the exact one (``exact_agreement``) and loss(chosen pairs) / loss(e
     python benchmarks/c2r_exactness.py                              # SmolLM2 default + synthetic hierarchy
     python benchmarks/c2r_exactness.py --data synthetic_hierarchy --sizes 1024
 
-Modes: ``cached`` = one kept neighbour per latent (``candidates=1``, the search that was the default before
-candidate lists), ``candidates`` = the default (16 per latent, fixed ``refresh_every``), ``adaptive`` = the
-default with ``adaptive_refresh=true``. Prints a table and writes benchmarks/results/c2r_exactness.json.
+Modes: ``cached`` = one kept neighbour per latent refreshed every 100 steps (``candidates=1`` without the
+probe: the search that was the default before candidate lists), ``lists`` = 16 candidates per latent refreshed
+every 100 steps (no probe), ``candidates`` = the default (16 candidates, refreshed when the probe finds misses). Prints a table and writes benchmarks/results/c2r_exactness.json.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 MODES = {
-    "cached": ["regularizer.candidates=1"],
+    "cached": ["regularizer.candidates=1", "regularizer.probe_latents=0"],
+    "lists": ["regularizer.probe_latents=0"],
     "candidates": [],
-    "adaptive": ["regularizer.adaptive_refresh=true"],
 }
 # (dictionary size, k) pairs as in the issue that measured the old cached search.
 K_FOR_SIZE = {1024: 8, 4096: 32}
@@ -46,7 +46,12 @@ def run_job(data: str, dict_size: int, mode: str, args: argparse.Namespace, run_
     ]
     print(f"  {data} F={dict_size} {mode}: python -m c2r.train {' '.join(overrides)}", flush=True)
     subprocess.run([sys.executable, "-m", "c2r.train", *overrides], check=True, stdout=subprocess.DEVNULL)
-    with (run_dir / "csv" / "metrics.csv").open() as handle:
+    return read_audit(run_dir / "csv" / "metrics.csv")
+
+
+def read_audit(metrics_csv: Path) -> list[dict[str, float]]:
+    """The audited steps of a run's CSV log."""
+    with metrics_csv.open() as handle:
         logged = [row for row in csv.DictReader(handle) if row.get("details/c2r/exact_agreement")]
     return [
         {
@@ -54,7 +59,6 @@ def run_job(data: str, dict_size: int, mode: str, args: argparse.Namespace, run_
             "steps_since_refresh": float(row["details/c2r/steps_since_refresh"]),
             "exact_agreement": float(row["details/c2r/exact_agreement"]),
             "exact_loss_ratio": float(row["details/c2r/exact_loss_ratio"]),
-            "refresh_every": float(row["details/c2r/refresh_every"]),
         }
         for row in logged
     ]
@@ -77,6 +81,12 @@ def summarise(steps: list[dict[str, float]]) -> list[dict]:
             "not_exact_share_mean": 1 - statistics.fmean(agreements),
             "not_exact_share_max": 1 - min(agreements),
         })
+    refreshes = sum(s["steps_since_refresh"] == 0 for s in steps)
+    windows.append({"window": "all", "steps": len(steps), "refreshes": refreshes,
+                    "loss_ratio_mean": statistics.fmean(s["exact_loss_ratio"] for s in steps),
+                    "loss_ratio_min": min(s["exact_loss_ratio"] for s in steps),
+                    "not_exact_share_mean": 1 - statistics.fmean(s["exact_agreement"] for s in steps),
+                    "not_exact_share_max": 1 - min(s["exact_agreement"] for s in steps)})
     return windows
 
 
@@ -92,6 +102,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "c2r_exactness.json")
     args = parser.parse_args()
 
+    stored = json.loads(args.out.read_text())["jobs"] if args.out.exists() else []
     jobs = []
     with tempfile.TemporaryDirectory() as scratch:
         for data in args.data:
@@ -102,15 +113,17 @@ def main() -> None:
                                  "mode": mode, "windows": summarise(steps), "steps": steps})
 
     print(f"\n{'data':>20} {'F':>5} {'mode':>10} {'window':>7} {'loss ratio mean (min)':>22} "
-          f"{'not exact mean (max)':>21}")
+          f"{'not exact mean (max)':>21} {'refreshes':>9}")
     for job in jobs:
         for w in job["windows"]:
             print(f"{job['data']:>20} {job['dict_size']:>5} {job['mode']:>10} {w['window']:>7} "
                   f"{w['loss_ratio_mean']:>14.3f} ({w['loss_ratio_min']:.3f}) "
-                  f"{w['not_exact_share_mean']:>13.3f} ({w['not_exact_share_max']:.3f})")
+                  f"{w['not_exact_share_mean']:>13.3f} ({w['not_exact_share_max']:.3f}) {w.get('refreshes', ''):>9}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    args.out.write_text(json.dumps({"settings": settings, "jobs": jobs}, indent=2))
+    key = lambda job: (job["data"], job["dict_size"], job["mode"])  # noqa: E731
+    kept = [job for job in stored if key(job) not in {key(new) for new in jobs}]
+    args.out.write_text(json.dumps({"settings": settings, "jobs": kept + jobs}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -9,7 +9,8 @@ re-ranking the lists.
     python benchmarks/c2r_overhead.py                       # CPU, F ∈ {4096, 16384, 65536}, d=576, B=2048, k=64
     python benchmarks/c2r_overhead.py --device cuda --d 2304 --sizes 65536   # GPU (bf16 autocast)
 
-Prints a table and writes benchmarks/results/c2r_overhead_<device>.json.
+Prints a table and updates benchmarks/results/c2r_overhead_<device>.json (each row names its configuration; a new
+row replaces the stored one of the same mode, size, device and shape).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def main() -> None:
         baseline = next((r["amortised_step_s"] for r in results if r["mode"] == "none"), None)
         for result in results:
             result["ratio_to_none"] = result["amortised_step_s"] / baseline if baseline else None
+            result.update(device=device.type, d=args.d, batch=args.batch, k=args.k, refresh_every=args.refresh_every)
             rows.append(result)
             ratio = f"{result['ratio_to_none']:.2f}" if baseline else "-"
             print(
@@ -130,8 +132,11 @@ def main() -> None:
     }
     out = args.out or RESULTS / f"c2r_overhead_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {key: value for key, value in vars(args).items() if key != "out"}
-    out.write_text(json.dumps({"settings": settings, "machine": machine, "results": rows}, indent=2))
+    # Rows accumulate across runs of subsets: a new row replaces the stored one of the same configuration.
+    key = lambda row: tuple(row.get(name) for name in ("mode", "dict_size", "device", "d", "batch", "k"))  # noqa: E731
+    stored = json.loads(out.read_text()).get("results", []) if out.exists() else []
+    kept = [row for row in stored if key(row) not in {key(new) for new in rows}]
+    out.write_text(json.dumps({"machine": machine, "results": kept + rows}, indent=2))
     print(f"wrote {out}")
 
 

@@ -46,35 +46,38 @@ def unit_rows(rows: Tensor) -> Tensor:
     return F.normalize(at_least_fp32(rows.detach()), dim=1)
 
 
-def _tiled_cosines(unit: Tensor, tile_size: int, dtype: torch.dtype | None = None):
-    """Yield ``(start, cosines)`` for each tile of rows: ``cosines [tile, F]`` against all rows (in ``dtype`` if
-    given), with each row's cosine to itself set to -inf."""
+def _tiled_cosines(unit: Tensor, tile_size: int, dtype: torch.dtype | None = None, latents: Tensor | None = None):
+    """Yield ``(start, cosines)`` for each tile of the query latents (``latents``, default all):
+    ``cosines [tile, F]`` against all rows (in ``dtype`` if given), each latent's cosine to itself set to -inf."""
     rows = unit if dtype is None else unit.to(dtype)
-    for start in range(0, unit.shape[0], tile_size):
-        cosines = rows[start : start + tile_size] @ rows.T
-        diagonal = torch.arange(cosines.shape[0], device=unit.device)
-        cosines[diagonal, diagonal + start] = float("-inf")
+    queries = torch.arange(unit.shape[0], device=unit.device) if latents is None else latents
+    for start in range(0, queries.shape[0], tile_size):
+        tile = queries[start : start + tile_size]
+        cosines = rows[tile] @ rows.T
+        cosines[torch.arange(tile.shape[0], device=unit.device), tile] = float("-inf")
         yield start, cosines
 
 
-def _argmax_other(unit: Tensor, tile_size: int) -> Tensor:
-    """Index of the most similar *other* row of each unit row. ``argmax`` returns the first maximum of the whole
-    row, so ties go to the smallest index; with a single row the self entry (-inf) wins: the sentinel ``i``."""
-    neighbors = torch.empty(unit.shape[0], dtype=torch.long, device=unit.device)
-    for start, cosines in _tiled_cosines(unit, tile_size):
+def _argmax_other(unit: Tensor, tile_size: int, latents: Tensor | None = None) -> Tensor:
+    """Index of the most similar *other* row of each query latent. ``argmax`` returns the first maximum of the
+    whole row, so ties go to the smallest index; with a single row the self entry (-inf) wins: the sentinel."""
+    count = unit.shape[0] if latents is None else latents.shape[0]
+    neighbors = torch.empty(count, dtype=torch.long, device=unit.device)
+    for start, cosines in _tiled_cosines(unit, tile_size, latents=latents):
         neighbors[start : start + cosines.shape[0]] = cosines.argmax(dim=1)
     return neighbors
 
 
 @torch.no_grad()
-def nearest_neighbors_exact(decoder_rows: Tensor, *, tile_size: int = 4096) -> Tensor:
-    """``j(i) = argmax_{j≠i} cos(W_i, W_j)`` over all F rows (LongTensor ``[F]``).
+def nearest_neighbors_exact(decoder_rows: Tensor, *, tile_size: int = 4096, latents: Tensor | None = None) -> Tensor:
+    """``j(i) = argmax_{j≠i} cos(W_i, W_j)`` over all F rows (LongTensor ``[F]``, or ``[n]`` for the given
+    ``latents`` only, at O(n·F·d)).
 
     Computed ``tile_size`` rows at a time, so memory stays O(tile_size·F) rather than O(F²).
     """
     check_tile_size(tile_size)
     with full_precision(decoder_rows):
-        return _argmax_other(unit_rows(decoder_rows), tile_size)
+        return _argmax_other(unit_rows(decoder_rows), tile_size, latents)
 
 
 @torch.no_grad()

@@ -89,7 +89,7 @@ def test_a_low_precision_first_pass_re_ranked_in_fp32_gives_the_fp32_argmax():
 def test_candidates_equal_exact_right_after_a_refresh_and_re_rank_the_old_lists_in_between():
     acts = torch.relu(random_rows(16, 24, seed=4).double())
     rows = random_rows(24, 8, seed=5).double()
-    regularizer = C2R(coef=1, interval=1, candidates=3, refresh_every=3, tile_size=5)
+    regularizer = C2R(coef=1, interval=1, candidates=3, refresh_every=3, probe_latents=0, tile_size=5)
     exact = lambda a, w: c2r_loss(a, w, neighbor_search="exact")  # noqa: E731
     for got, want in zip(loss_and_grads(lambda a, w: regularizer(a, w, 0), acts, rows), loss_and_grads(exact, acts, rows)):
         torch.testing.assert_close(got, want)
@@ -110,7 +110,7 @@ def test_candidate_recall_on_a_constructed_case():
     # Pairs (0, 1) and (2, 3) are close; with one candidate each the lists are [[1], [0], [3], [2]].
     rows = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0], [0.0, 0.1, 0.9]])
     acts = torch.ones(4, 4)
-    regularizer = C2R(coef=1, interval=1, candidates=1, refresh_every=10)
+    regularizer = C2R(coef=1, interval=1, candidates=1, refresh_every=10, probe_latents=0)
     regularizer(acts, rows, 0)
     assert regularizer.candidate_lists.tolist() == [[1], [0], [3], [2]]
     assert "candidate_recall" not in regularizer.metrics  # the first lists have no predecessor
@@ -125,25 +125,48 @@ def test_candidate_recall_on_a_constructed_case():
     assert regularizer.metrics["candidate_recall"].item() == pytest.approx(0.5)
 
 
-def test_adaptive_refresh_halves_below_the_target_and_doubles_at_full_recall():
-    rows = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0], [0.0, 0.1, 0.9]])
-    acts = torch.ones(4, 4)
-    regularizer = C2R(coef=1, interval=1, candidates=1, refresh_every=8, adaptive_refresh=True,
-                      target_recall=0.9, max_refresh_every=20)
+def test_the_probe_refreshes_stale_lists_as_soon_as_it_finds_misses():
+    rows = random_rows(400, 8, seed=12)
+    acts = torch.relu(random_rows(16, 400, seed=13))
+    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=400)
     regularizer(acts, rows, 0)
-    regularizer(acts, rows, 8)  # nothing moved: recall 1 → twice as long
-    assert regularizer.refresh_every == 16
-    regularizer(acts, rows, 24)
-    assert regularizer.refresh_every == 20  # capped at max_refresh_every
-    rows[2] = torch.tensor([0.99, 0.0, 0.05])  # recall 0.5 < 0.9 → half as long
-    regularizer(acts, rows, 44)
-    assert regularizer.refresh_every == 10 and regularizer.metrics["refresh_every"].item() == 10
+    assert regularizer.refreshes == 1 and "probe_agreement" not in regularizer.metrics  # a refresh step: no probe
+    regularizer(acts, rows, 1)  # nothing moved: every probed latent's chosen neighbour is exact
+    assert regularizer.refreshes == 1 and regularizer.metrics["probe_agreement"].item() == 1.0
+
+    moved = rows + 0.5 * random_rows(400, 8, seed=14)
+    stale = best_candidates(moved, regularizer.candidate_lists)
+    assert (stale != nearest_neighbors_exact(moved)).float().mean() > 0.05
+    neighbors = regularizer.neighbors(moved, 2)
+    assert regularizer.refreshes == 2 and regularizer.refreshed_at == 2  # the probe saw misses: refreshed now
+    assert regularizer.probe_metrics["probe_agreement"].item() < 0.95
+    assert torch.equal(neighbors, nearest_neighbors_exact(moved))  # ... so this step's pairs are exact
+
+
+def test_the_probe_tolerates_misses_below_a_quarter_of_the_target():
+    rows = random_rows(400, 8, seed=12)
+    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=400, target_agreement=0.5)
+    regularizer.neighbors(rows, 0)
+    moved = rows + 0.05 * random_rows(400, 8, seed=14)
+    misses = (best_candidates(moved, regularizer.candidate_lists) != nearest_neighbors_exact(moved)).float().mean()
+    assert 0 < misses < (1 - 0.5) / 4
+    regularizer.neighbors(moved, 1)
+    assert regularizer.refreshes == 1
+    assert regularizer.probe_metrics["probe_agreement"].item() == pytest.approx(1 - misses.item())
+
+
+def test_without_the_probe_the_lists_are_refreshed_every_refresh_every_steps():
+    rows = random_rows(50, 8, seed=15)
+    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=3, probe_latents=0)
+    for step in range(7):
+        regularizer.neighbors(rows + step * random_rows(50, 8, seed=16), step)
+    assert regularizer.refreshes == 3 and regularizer.refreshed_at == 6  # steps 0, 3 and 6
 
 
 def test_audit_reports_agreement_and_loss_ratio_against_the_exact_search():
     acts = torch.relu(random_rows(32, 40, seed=7))
     rows = random_rows(40, 6, seed=8)
-    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=100, audit_every=2)
+    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=100, probe_latents=0, audit_every=2)
     regularizer(acts, rows, 0)
     assert regularizer.metrics["exact_agreement"].item() == 1.0
     assert regularizer.metrics["exact_loss_ratio"].item() == pytest.approx(1.0)
@@ -161,26 +184,28 @@ def test_audit_reports_agreement_and_loss_ratio_against_the_exact_search():
 
 def test_candidate_state_survives_a_checkpoint():
     rows = random_rows(10, 4, seed=10)
-    trained = C2R(candidates=3, refresh_every=50, adaptive_refresh=True, max_refresh_every=400)
+    trained = C2R(candidates=3, refresh_every=50)
     trained(torch.ones(3, 10), rows, 7)
-    trained.refresh_every = 200  # as if adapted
-    restored = C2R(candidates=3, refresh_every=50, adaptive_refresh=True, max_refresh_every=400)
+    restored = C2R(candidates=3, refresh_every=50)
     restored.load_state_dict(trained.state_dict())
     assert torch.equal(restored.candidate_lists, trained.candidate_lists)
-    assert (restored.refreshed_at, restored.refresh_every, restored.calls) == (7, 200, 1)
-    # Within the refresh window the restored module keeps the saved lists instead of searching again.
-    restored(torch.ones(3, 10), random_rows(10, 4, seed=11), 8)
-    assert torch.equal(restored.candidate_lists, trained.candidate_lists)
+    assert (restored.refreshed_at, restored.refreshes, restored.calls) == (7, 1, 1)
+    # The next steps go on alike: the restored module re-ranks the saved lists (and the probe refreshes them) as
+    # the uninterrupted one does.
+    for step, rows_now in ((8, rows + 0.01 * random_rows(10, 4, seed=11)), (9, random_rows(10, 4, seed=12))):
+        assert torch.equal(restored.neighbors(rows_now, step), trained.neighbors(rows_now, step))
+        assert torch.equal(restored.candidate_lists, trained.candidate_lists)
+    assert restored.refreshes == trained.refreshes == 2  # the probe refreshed both at step 9
 
 
 # ---------------------------------------------------------------- in a real training run
-def c2r_audit_rows(compose_train, candidates):
+def c2r_audit_rows(compose_train, *overrides):
     from c2r.train import train
     from conftest import TINY
 
     cfg = compose_train(
         *TINY, "dict_size=256", "regularizer=c2r", "regularizer.coef=0.3", "regularizer.interval=1", "regularizer.audit_every=1",
-        f"regularizer.candidates={candidates}", "logger=csv", "trainer.log_every_n_steps=1",
+        *overrides, "logger=csv", "trainer.log_every_n_steps=1",
         "train_tokens=12800", "trainer.val_check_interval=1000", "evaluation=null",
     )
     train(cfg)
@@ -192,16 +217,16 @@ def c2r_audit_rows(compose_train, candidates):
 
 
 def test_the_default_search_is_exact_on_every_step_of_a_training_run(compose_train):
-    """100 steps with the default search settings (16 candidates, refreshed every 100 steps) and C²R on every
-    step, at a weight that pushes the chosen pairs apart fast (coef 0.3 at 256 latents): on every step the pairs
-    the default chooses are the exact ones for >= 99% of latents and their loss is >= 0.99 of the exact pairs'
-    loss. A single kept neighbour per latent (candidates=1, the old "cached" search) is far from that."""
-    rows = c2r_audit_rows(compose_train, candidates=16)
+    """100 steps with the default search settings (16 candidates, the probe) and C²R on every step, at a weight
+    that pushes the chosen pairs apart fast (coef 0.3 at 256 latents): on every step the pairs the default
+    chooses are the exact ones for >= 99% of latents and their loss is >= 0.99 of the exact pairs' loss. A single
+    kept neighbour per latent refreshed every 100 steps (the old "cached" search) is far from that."""
+    rows = c2r_audit_rows(compose_train)
     assert len(rows) == 100
     assert min(float(r["details/c2r/exact_agreement"]) for r in rows) >= 0.99
     assert min(float(r["details/c2r/exact_loss_ratio"]) for r in rows) >= 0.99
 
-    single = c2r_audit_rows(compose_train, candidates=1)
+    single = c2r_audit_rows(compose_train, "regularizer.candidates=1", "regularizer.probe_latents=0")
     assert min(float(r["details/c2r/exact_agreement"]) for r in single) < 0.5
     assert min(float(r["details/c2r/exact_loss_ratio"]) for r in single) < 0.8
 
@@ -219,7 +244,7 @@ def make_sae_and_batch():
 def c2r_loss_and_grads(sae, x, neighbor_search, steps=(0, 5)):
     """Loss and gradients at the last of ``steps`` (earlier ones build the candidate lists)."""
     regularizer = C2R(coef=1, interval=1, neighbor_search=neighbor_search, candidates=4, refresh_every=4,
-                      chunk_size=8, seed=2)
+                      probe_latents=8, chunk_size=8, seed=2)
     for step in steps:
         loss = regularizer(sae(x).codes, sae.W_dec, step)
     sae.zero_grad()

@@ -207,7 +207,8 @@ def test_defaults():
     module = C2R()
     assert (module.coef, module.alpha, module.interval, module.start_step) == (5.0, 1.0, 5, 0)
     assert module.neighbor_search == "candidates" and module.candidates == 16 and module.refresh_every == 100
-    assert module.chunk_size == 8192 and not module.adaptive_refresh and module.audit_every == 0
+    assert module.probe_latents == 512 and module.target_agreement == 0.99
+    assert module.chunk_size == 8192 and module.audit_every == 0
 
 
 @pytest.mark.parametrize(
@@ -221,9 +222,9 @@ def test_defaults():
         (dict(neighbor_search="global"), "choose one of 'candidates', 'exact', 'chunked'"),
         (dict(neighbor_search="cached"), "replaced by 'candidates'"),
         (dict(candidates=0), "candidates must be >= 1"),
-        (dict(refresh_every=0), "1 <= refresh_every <= max_refresh_every"),
-        (dict(refresh_every=2000), "1 <= refresh_every <= max_refresh_every"),
-        (dict(target_recall=0), "target_recall must be in"),
+        (dict(refresh_every=0), "refresh_every must be >= 1"),
+        (dict(probe_latents=-1), "probe_latents must be >= 0"),
+        (dict(target_agreement=1), "target_agreement must be in"),
         (dict(refresh_precision="fp8"), "unknown C2R refresh_precision 'fp8'"),
         (dict(audit_every=-1), "audit_every must be >= 0"),
         (dict(chunk_size=1), "chunk_size must be >= 2"),

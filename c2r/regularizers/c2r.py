@@ -168,11 +168,11 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
-def _same_on_all_ranks(neighbors: Tensor) -> Tensor:
-    """Rank 0's indices everywhere: a tie broken differently by one GPU must not split the ranks."""
+def _same_on_all_ranks(tensor: Tensor) -> Tensor:
+    """Rank 0's value everywhere: a tie broken differently by one GPU must not split the ranks."""
     if _distributed():
-        torch.distributed.broadcast(neighbors, src=0)
-    return neighbors
+        torch.distributed.broadcast(tensor, src=0)
+    return tensor
 
 
 class C2R(Regularizer):
@@ -180,14 +180,15 @@ class C2R(Regularizer):
 
     Neighbour search (``neighbor_search``):
 
-    - ``"candidates"`` (default): every ``refresh_every`` steps one tiled exact pass keeps, per latent, the
-      ``candidates`` most similar other latents; on every C²R step ``j(i)`` is the argmax of the *current* fp32
-      cosines over latent i's list (O(F·m·d), no O(F²) work). That is the exact ``j(i)`` whenever the true
-      neighbour is in the list; ``details/c2r/candidate_recall`` (logged at each refresh: the share of latents
-      whose fresh exact neighbour was in the old list) says how often that held. With
-      ``adaptive_refresh`` the interval halves when the recall falls below ``target_recall`` and doubles (up to
-      ``max_refresh_every``) while it stays at 1. ``refresh_precision``: the refresh's first pass runs in bf16
-      on CUDA (``auto``) and its pool of ``2·candidates`` is re-ranked in fp32.
+    - ``"candidates"`` (default): one tiled exact pass keeps, per latent, the ``candidates`` most similar other
+      latents; on every C²R step ``j(i)`` is the argmax of the *current* fp32 cosines over latent i's list
+      (O(F·m·d), no O(F²) work). That is the exact ``j(i)`` whenever the true neighbour is in the list. C²R pushes
+      the listed pairs apart, so lists go stale at a rate set by coef, learning rate and phase of training; a
+      probe keeps them exact: on each C²R step the exact neighbours of ``probe_latents`` random latents are
+      computed (O(probe_latents·F·d)) and the lists are refreshed as soon as the probe's share of latents whose
+      chosen neighbour is not the exact one exceeds a quarter of ``1 - target_agreement``; they are refreshed at
+      least every ``refresh_every`` steps. ``refresh_precision``: the refresh's first pass runs in bf16 on CUDA
+      (``auto``) and its pool of ``2·candidates`` is re-ranked in fp32.
     - ``"exact"``: the global argmax over all F latents at every call (tiled; O(F²·d) per call): the reference.
     - ``"chunked"``: the paper's; the permutation at a step is drawn from a generator seeded from
       ``(seed, step)``, so every DDP rank draws the same chunks at the same step and a resumed run repeats them.
@@ -210,9 +211,8 @@ class C2R(Regularizer):
         neighbor_search: str = "candidates",
         candidates: int = 16,
         refresh_every: int = 100,
-        adaptive_refresh: bool = False,
-        target_recall: float = 0.99,
-        max_refresh_every: int = 1000,
+        probe_latents: int = 512,
+        target_agreement: float = 0.99,
         refresh_precision: str = "auto",
         chunk_size: int = 8192,
         tile_size: int = 4096,
@@ -226,13 +226,12 @@ class C2R(Regularizer):
         check_tile_size(tile_size)
         if candidates < 1:
             raise ValueError(f"C2R candidates must be >= 1 (neighbours kept per latent between refreshes), got {candidates}")
-        if not 1 <= refresh_every <= max_refresh_every:
-            raise ValueError(
-                f"C2R needs 1 <= refresh_every <= max_refresh_every (steps between exact searches), got "
-                f"refresh_every={refresh_every}, max_refresh_every={max_refresh_every}"
-            )
-        if not 0 < target_recall <= 1:
-            raise ValueError(f"C2R target_recall must be in (0, 1], got {target_recall}")
+        if refresh_every < 1:
+            raise ValueError(f"C2R refresh_every must be >= 1 (most steps between refreshes of the lists), got {refresh_every}")
+        if probe_latents < 0:
+            raise ValueError(f"C2R probe_latents must be >= 0 (0 = no probe: refresh every refresh_every steps), got {probe_latents}")
+        if not 0 < target_agreement < 1:
+            raise ValueError(f"C2R target_agreement must be in (0, 1) (share of exact neighbours to keep), got {target_agreement}")
         if refresh_precision not in REFRESH_PRECISIONS:
             raise ValueError(
                 f"unknown C2R refresh_precision {refresh_precision!r}; choose one of {', '.join(map(repr, REFRESH_PRECISIONS))}"
@@ -242,9 +241,8 @@ class C2R(Regularizer):
         self.alpha = float(alpha)
         self.neighbor_search = neighbor_search
         self.candidates = int(candidates)
-        self.adaptive_refresh = bool(adaptive_refresh)
-        self.target_recall = float(target_recall)
-        self.max_refresh_every = int(max_refresh_every)
+        self.probe_latents = int(probe_latents)
+        self.target_agreement = float(target_agreement)
         self.refresh_precision = refresh_precision
         self.chunk_size = int(chunk_size)
         self.tile_size = int(tile_size)
@@ -254,17 +252,23 @@ class C2R(Regularizer):
         self.register_buffer("candidate_lists", torch.empty(0, 0, dtype=torch.long))
         self.refresh_every = int(refresh_every)
         self.refreshed_at = -1
+        self.refreshes = 0
         self.calls = 0
         # What the last refresh found; reported on every call until the next refresh, so that it reaches the
-        # logger whatever the logging interval.
+        # logger whatever the logging interval. The probe's are the current call's.
         self.refresh_metrics: dict[str, Tensor] = {}
+        self.probe_metrics: dict[str, Tensor] = {}
 
     def neighbors(self, decoder_rows: Tensor, step: int) -> Tensor:
         """``j(i)`` for every latent at ``step`` (no gradient), identical on every DDP rank."""
         if self.neighbor_search == "candidates":
             if self.candidate_lists.shape[0] != decoder_rows.shape[0] or step - self.refreshed_at >= self.refresh_every:
                 self.refresh(decoder_rows, step)
-            return _same_on_all_ranks(best_candidates(decoder_rows, self.candidate_lists, tile_size=self.tile_size))
+            chosen = best_candidates(decoder_rows, self.candidate_lists, tile_size=self.tile_size)
+            if self.probe_latents and self.refreshed_at != step and self._probe_says_stale(decoder_rows, chosen, step):
+                self.refresh(decoder_rows, step)
+                chosen = best_candidates(decoder_rows, self.candidate_lists, tile_size=self.tile_size)
+            return _same_on_all_ranks(chosen)
         generator = step_generator(self.seed, step) if self.neighbor_search == "chunked" else None
         return _same_on_all_ranks(
             find_neighbors(
@@ -282,19 +286,24 @@ class C2R(Regularizer):
         old = self.candidate_lists
         if old.shape[0] == fresh.shape[0] and old.shape[1] > 0:
             exact = best_candidates(decoder_rows, fresh, tile_size=self.tile_size)
-            recall = (old == exact[:, None]).any(dim=1).float().mean()
-            self.refresh_metrics["candidate_recall"] = recall
-            if self.adaptive_refresh:
-                self._adapt_refresh_every(float(recall))  # one device->host read per refresh
-        self.refresh_metrics["refresh_every"] = torch.tensor(float(self.refresh_every))
+            self.refresh_metrics["candidate_recall"] = (old == exact[:, None]).any(dim=1).float().mean()
         self.candidate_lists = fresh
         self.refreshed_at = step
+        self.refreshes += 1
+        self.refresh_metrics["refreshes"] = torch.tensor(float(self.refreshes))
 
-    def _adapt_refresh_every(self, recall: float) -> None:
-        if recall < self.target_recall:
-            self.refresh_every = max(1, self.refresh_every // 2)
-        elif recall == 1.0:
-            self.refresh_every = min(self.max_refresh_every, 2 * self.refresh_every)
+    @torch.no_grad()
+    def _probe_says_stale(self, decoder_rows: Tensor, chosen: Tensor, step: int) -> bool:
+        """Whether the exact neighbours of a random sample of latents (the same sample on every DDP rank) show
+        more misses of the chosen ones than the target allows; logs the sample's agreement. One device->host
+        read per C²R step."""
+        count = decoder_rows.shape[0]
+        sample = torch.randperm(count, generator=step_generator(self.seed + 1, step))[: self.probe_latents]
+        sample = sample.to(decoder_rows.device)
+        exact = nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size, latents=sample)
+        misses = _same_on_all_ranks((chosen[sample] != exact).float().mean())
+        self.probe_metrics = {"probe_agreement": 1 - misses}
+        return bool(misses > (1 - self.target_agreement) / 4)
 
     def _first_pass_dtype(self, decoder_rows: Tensor) -> torch.dtype | None:
         if self.refresh_precision == "bfloat16" or (self.refresh_precision == "auto" and decoder_rows.is_cuda):
@@ -304,8 +313,9 @@ class C2R(Regularizer):
     def forward(self, acts: Tensor | SparseCodes, decoder_rows: Tensor, step: int) -> Tensor:
         """The raw (unweighted) C²R loss of the codes (dense ``[B, F]`` or sparse entries) and
         ``decoder_rows [F, d]`` at ``step``."""
+        self.probe_metrics = {}
         neighbors = self.neighbors(decoder_rows, step)
-        self.metrics = dict(self.refresh_metrics)
+        self.metrics = {**self.refresh_metrics, **self.probe_metrics}
         loss = pair_loss(acts, decoder_rows, neighbors, alpha=self.alpha, across_ranks=_distributed())
         if self.audit_every and self.calls % self.audit_every == 0:
             self._audit(acts, decoder_rows, neighbors, loss.detach(), step)
@@ -322,10 +332,10 @@ class C2R(Regularizer):
             self.metrics["steps_since_refresh"] = torch.tensor(float(step - self.refreshed_at))
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"refresh_every": self.refresh_every, "refreshed_at": self.refreshed_at, "calls": self.calls}
+        return {"refreshed_at": self.refreshed_at, "refreshes": self.refreshes, "calls": self.calls}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.refresh_every, self.refreshed_at, self.calls = state["refresh_every"], state["refreshed_at"], state["calls"]
+        self.refreshed_at, self.refreshes, self.calls = state["refreshed_at"], state["refreshes"], state["calls"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The lists are sized at the first refresh: take the checkpoint's size before loading into them.
@@ -338,6 +348,6 @@ class C2R(Regularizer):
         return (
             f"coef={self.coef}, alpha={self.alpha}, interval={self.interval}, start_step={self.start_step}, "
             f"neighbor_search={self.neighbor_search!r}, candidates={self.candidates}, refresh_every={self.refresh_every}, "
-            f"adaptive_refresh={self.adaptive_refresh}, chunk_size={self.chunk_size}, tile_size={self.tile_size}, "
+            f"probe_latents={self.probe_latents}, target_agreement={self.target_agreement}, chunk_size={self.chunk_size}, tile_size={self.tile_size}, "
             f"seed={self.seed}"
         )
