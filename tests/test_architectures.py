@@ -16,6 +16,7 @@ from c2r.regularizers.base import step_generator
 from c2r.sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, ReLUSAE, TopKSAE
 from c2r.sae.jumprelu import heaviside, jumprelu
 from c2r.sae.matryoshka import group_sizes_from_fractions
+from c2r.schedule import Schedule
 from c2r.train import train
 from conftest import TINY, run_cli
 
@@ -340,7 +341,7 @@ def test_ortho_ignores_activations_and_redraws_chunks_each_step():
 
 def test_ortho_schedule_and_defaults():
     regularizer = Ortho()
-    assert (regularizer.coef, regularizer.interval, regularizer.chunk_size) == (0.25, 1, 8192)
+    assert regularizer.schedule == Schedule(coef=0.25) and regularizer.chunk_size == 8192
     assert [regularizer.weight(t) for t in (0, 1, 2)] == [0.25, 0.25, 0.25]
     scheduled = Ortho(coef=0.5, interval=3, start_step=2)
     assert [scheduled.weight(t) for t in range(9)] == [0, 0, 1.5, 0, 0, 1.5, 0, 0, 1.5]
@@ -375,7 +376,7 @@ def test_extra_regularizers_add_terms_next_to_the_selected_one(compose_train):
         "extra_regularizers.ortho.coef=0.5",
     )
     regularizers = build_regularizers(cfg)
-    assert list(regularizers) == ["c2r", "ortho"] and regularizers["ortho"].coef == 0.5
+    assert list(regularizers) == ["c2r", "ortho"] and regularizers["ortho"].schedule.coef == 0.5
     assert list(build_regularizers(compose_train(*tiny("topk")))) == []  # regularizer=none, nothing extra
     with pytest.raises(ValueError, match="two regularizers are named 'ortho'"):
         build_regularizers(compose_train(*tiny("topk"), "regularizer=ortho", "+regularizer@extra_regularizers.ortho=ortho"))

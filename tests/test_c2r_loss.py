@@ -8,6 +8,7 @@ import torch
 from c2r.regularizers import C2R, Regularizer, c2r_loss
 from c2r.geometry import nearest_neighbors_chunked, nearest_neighbors_exact
 from c2r.regularizers.c2r import pair_loss
+from c2r.schedule import Schedule
 
 
 # ---------------------------------------------------------------- naive reference (float64, python loops)
@@ -205,7 +206,7 @@ def test_schedule():
 
 def test_defaults():
     module = C2R()
-    assert (module.coef, module.alpha, module.interval, module.start_step) == (5.0, 1.0, 5, 0)
+    assert module.schedule == Schedule(coef=5.0, interval=5) and module.alpha == 1.0
     assert module.neighbor_search == "candidates" and module.candidates == 16 and module.refresh_every == 100
     assert module.chunk_size == 8192 and not module.adaptive_refresh and module.audit_every == 0
 

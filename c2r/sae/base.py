@@ -207,18 +207,3 @@ def mse(recon: Tensor, x: Tensor) -> Tensor:
     """Squared error summed over the feature dimension, averaged over rows (scale matches E‖x‖² = 1)."""
     return (recon - x).pow(2).sum(dim=-1).mean()
 
-
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up of a coefficient: ``(step + 1) / warmup_steps`` until it reaches 1 (the LR warm-up's
-    convention: the last warm-up step has the full value); 1 throughout when ``warmup_steps == 0``."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
-
-
-def check_sparsity_coef(name: str, coef: float, warmup_steps: int) -> None:
-    """Validate a sparsity coefficient and its warm-up length (``name`` is the config key's prefix)."""
-    if coef < 0:
-        raise ValueError(f"{name}_coef must be >= 0 (0 switches the sparsity penalty off), got {coef}")
-    if warmup_steps < 0:
-        raise ValueError(f"{name}_warmup_steps must be >= 0 (0 = no warm-up), got {warmup_steps}")
