@@ -320,7 +320,7 @@ def test_sparse_codes_give_the_dense_loss_and_gradients(architecture):
     grads = []
     for use_sparse in (False, True):
         sae.zero_grad()
-        out = sae(x)
+        out = sae.forward_pass(x)
         assert isinstance(out.sparse, SparseCodes) and out.codes is out.sparse
         rebuilt = torch.zeros(32).index_add(0, out.sparse.latents, out.sparse.values.detach().square())
         assert torch.allclose(rebuilt, out.acts.detach().square().sum(dim=0))
@@ -337,5 +337,5 @@ def test_architectures_without_explicit_selection_pass_dense_codes():
     from c2r.sae import JumpReLUSAE, ReLUSAE
 
     for sae in (ReLUSAE(8, 16, seed=0), JumpReLUSAE(8, 16, seed=0)):
-        out = sae(torch.randn(4, 8))
+        out = sae.forward_pass(torch.randn(4, 8))
         assert out.sparse is None and out.codes is out.acts

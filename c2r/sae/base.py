@@ -1,8 +1,7 @@
 """What every SAE architecture shares; each architecture file holds only what differs.
 
 Shared here: the affine encoder/decoder parameters, the decoder-row norm policy (unit norm, or free for
-architectures that opt out), the data-initialised decoder bias, dead-latent tracking, a training-step counter,
-the AuxK loss that revives dead latents and the assembly of the named loss terms. An architecture implements
+architectures that opt out), the data-initialised decoder bias, dead-latent tracking, the AuxK loss that revives dead latents and the assembly of the named loss terms. An architecture implements
 ``activate`` (pre-activations → post-sparsity codes) and ``export_state`` (its inference form), and may add loss
 terms via ``extra_losses`` or replace the reconstruction term via ``reconstruction_losses``; one with several encoder
 paths (Gated) overrides ``encode_with_pre_acts`` instead of ``activate``.
@@ -92,9 +91,6 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(dict_size, dtype=torch.long))
-        # Training batches seen (one per ``update_firing``): drives schedules that act inside ``forward``, such
-        # as k annealing, and is checkpointed with the weights so a resumed run continues them.
-        self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))
 
     # --- what architectures implement -------------------------------------------------------------------------
     def activate(self, pre_acts: Tensor) -> Tensor:
@@ -130,7 +126,13 @@ class SparseAutoencoder(nn.Module):
     def decode(self, acts: Tensor) -> Tensor:
         return acts @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction ``x̂`` (what an SAE is called for at inference)."""
+        return self.decode(self.encode(x))
+
+    def forward_pass(self, x: Tensor, step: int | None = None) -> SAEOutput:
+        """Everything the losses, regularizers and metrics read of one pass. ``step`` is the training step, for
+        schedules acting inside the forward (k annealing); ``None`` is the trained SAE (every schedule at its end)."""
         pre_acts, acts = self.encode_with_pre_acts(x)
         return SAEOutput(pre_acts=pre_acts, acts=acts, recon=self.decode(acts))
 
@@ -168,11 +170,9 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def update_firing(self, fired: Tensor, n_tokens: int) -> None:
-        """Record one training batch of ``n_tokens`` rows in which the latents ``fired [F]`` (bool) fired;
-        also advances ``training_steps``."""
+        """Record one training batch of ``n_tokens`` rows in which the latents ``fired [F]`` (bool) fired."""
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired] = 0
-        self.training_steps += 1
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
