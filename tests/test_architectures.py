@@ -94,6 +94,8 @@ def test_k_anneals_linearly_from_k_start_to_k(cls):
             assert ((acts != 0).sum(dim=1) == expected).all()
         else:
             assert int((acts != 0).sum()) == expected * 16
+    if cls is TopKSAE:
+        assert sae.export_state()[2] == {"k": 4}  # exported as trained: at the target k
 
 
 def test_k_annealing_is_off_by_default_and_its_settings_are_checked():

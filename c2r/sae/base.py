@@ -1,10 +1,12 @@
 """What every SAE architecture shares; each architecture file holds only what differs.
 
 Shared here: the affine encoder/decoder parameters, the decoder-row norm policy (unit norm, or free for
-architectures that opt out), the data-initialised decoder bias, dead-latent tracking, the AuxK loss that revives dead latents and the assembly of the named loss terms. An architecture implements
-``activate`` (pre-activations → post-sparsity codes) and ``export_state`` (its inference form), and may add loss
-terms via ``extra_losses`` or replace the reconstruction term via ``reconstruction_losses``; one with several encoder
-paths (Gated) overrides ``encode_with_pre_acts`` instead of ``activate``.
+architectures that opt out), the data-initialised decoder bias, dead-latent tracking, the AuxK loss that revives
+dead latents and the assembly of the named loss terms. An architecture implements ``activate`` (pre-activations →
+post-sparsity codes) and ``export_state`` (its inference form, with ``from_export_state`` its inverse, through which
+``c2r.load_sae`` rebuilds an exported SAE), and may add loss terms via ``extra_losses`` or replace the reconstruction
+term via ``reconstruction_losses``; one with several encoder paths (Gated) overrides ``encode_with_pre_acts`` instead
+of ``activate``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+ENCODER_DECODER = ("W_enc", "b_enc", "W_dec", "b_dec")  # the tensors every inference form holds
 
 LossTerms = dict[str, tuple[Tensor, float]]
 """Named loss terms, ``name -> (raw value, weight)``; logged as ``losses/<name>``."""
@@ -111,6 +115,17 @@ class SparseAutoencoder(nn.Module):
         (every other tensor acts on pre-activations, which the folding leaves unchanged)."""
         raise NotImplementedError
 
+    @classmethod
+    def from_export_state(cls, cfg: dict, tensors: dict[str, Tensor], **settings) -> SparseAutoencoder:
+        """The SAE of an exported ``cfg`` (cfg.json) and its tensors: the inverse of ``export_state``. This base
+        builds ``cls(d_in, d_sae, **settings)`` and loads ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``; an
+        architecture with more settings or tensors extends it."""
+        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), **settings)
+        with torch.no_grad():
+            for name in ENCODER_DECODER:
+                getattr(sae, name).copy_(tensors[name])
+        return sae
+
     # --- shared ------------------------------------------------------------------------------------------------
     def pre_activations(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
@@ -147,7 +162,7 @@ class SparseAutoencoder(nn.Module):
 
     def encoder_decoder_tensors(self) -> dict[str, Tensor]:
         """``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` detached: the core of every inference form."""
-        return {name: getattr(self, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        return {name: getattr(self, name).detach() for name in ENCODER_DECODER}
 
     def auxk_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
         """Reconstruct the residual with the top ``aux_k`` dead latents (Gao et al. 2024), normalised by the

@@ -72,3 +72,11 @@ class GatedSAE(SparseAutoencoder):
         tensors["r_mag"] = self.r_mag.detach()
         tensors["b_mag"] = self.b_mag.detach()
         return "gated", tensors, {}
+
+    @classmethod
+    def from_export_state(cls, cfg: dict, tensors: dict[str, Tensor], **settings) -> GatedSAE:
+        sae = super().from_export_state(cfg, {**tensors, "b_enc": tensors["b_gate"]}, **settings)
+        with torch.no_grad():
+            sae.r_mag.copy_(tensors["r_mag"])
+            sae.b_mag.copy_(tensors["b_mag"])
+        return sae

@@ -124,3 +124,14 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
         return "jumprelu", {**self.encoder_decoder_tensors(), "threshold": self.threshold.detach()}, {}
+
+    @classmethod
+    def from_export_state(cls, cfg: dict, tensors: dict[str, Tensor], **settings) -> JumpReLUSAE:
+        """Also the inference form of BatchTopK and Matryoshka SAEs (one shared threshold). A threshold <= 0
+        (a BatchTopK SAE exported before any training batch set it) acts as 0: ``z · H(z − θ)`` is then
+        ``ReLU(z)``, as with any θ <= 0, so it loads as ``log θ = −inf``. ``exp(log θ)`` may differ from the file's
+        θ in the last bit."""
+        sae = super().from_export_state(cfg, tensors, **settings)
+        with torch.no_grad():
+            sae.log_threshold.copy_(tensors["threshold"].clamp_min(0).log())
+        return sae

@@ -78,6 +78,10 @@ class TopKSAE(KSparseAutoencoder):
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
         return "topk", self.encoder_decoder_tensors(), {"k": self.k}
 
+    @classmethod
+    def from_export_state(cls, cfg: dict, tensors: dict[str, Tensor], **settings) -> TopKSAE:
+        return super().from_export_state(cfg, tensors, k=int(cfg["k"]), **settings)
+
 
 class BatchTopKSAE(KSparseAutoencoder):
     """Keeps the ``k·B`` largest pre-activations of the whole batch: k active latents per row *on average*.
@@ -120,6 +124,7 @@ class BatchTopKSAE(KSparseAutoencoder):
             self.threshold.lerp_(smallest, 1 - self.threshold_momentum)
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
-        # SAELens and SAEBench read a BatchTopK SAE at inference as a JumpReLU with one shared threshold.
+        # SAELens and SAEBench read a BatchTopK SAE at inference as a JumpReLU with one shared threshold; so
+        # does c2r.load_sae, which returns it as a JumpReLUSAE.
         threshold = self.threshold.detach().expand(self.dict_size).clone()
         return "jumprelu", {**self.encoder_decoder_tensors(), "threshold": threshold}, {}
