@@ -12,7 +12,15 @@ from c2r import load_sae
 from c2r.data import SyntheticShards
 from c2r.regularizers import Ortho, ortho_loss
 from c2r.regularizers.base import step_generator
-from c2r.sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, ReLUSAE, TopKSAE
+from c2r.sae import (
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    KSparseAutoencoder,
+    MatryoshkaBatchTopKSAE,
+    ReLUSAE,
+    TopKSAE,
+)
 from c2r.sae.jumprelu import heaviside, jumprelu
 from c2r.sae.matryoshka import group_sizes_from_fractions
 from c2r.schedule import Schedule
@@ -96,6 +104,22 @@ def test_k_anneals_linearly_from_k_start_to_k(cls):
             assert int((acts != 0).sum()) == expected * 16
     if cls is TopKSAE:
         assert sae.export_state()[2] == {"k": 4}  # exported as trained: at the target k
+
+
+def test_training_anneals_k_at_the_trainers_step_and_validates_the_trained_sae(compose_train, monkeypatch):
+    seen = []  # (step given to the forward, k used)
+    current_k = KSparseAutoencoder.current_k
+
+    def recording(self, step=None):
+        seen.append((step, current_k(self, step)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(KSparseAutoencoder, "current_k", recording)
+    train(compose_train(*tiny("topk"), "model.k_start=16", "model.k_anneal_steps=10", "evaluation=null"))
+    training = [entry for entry in seen if entry[0] is not None]
+    assert [step for step, _ in training] == list(range(20))  # Lightning's global_step, one call per step
+    assert [k for _, k in training[:11:5]] == [16, 10, 4] and {k for _, k in training[10:]} == {4}
+    assert {k for step, k in seen if step is None} == {4}  # validation: the trained SAE
 
 
 def test_k_annealing_is_off_by_default_and_its_settings_are_checked():
