@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from c2r.module import SAEModule
 from c2r.regularizers import C2R
 from c2r.sae import TopKSAE
+from c2r.step import apply_gradients, loss_terms, total_loss
 
 MODES = ("none", "chunked", "exact", "candidates")
 RESULTS = Path(__file__).parent / "results"
@@ -42,27 +42,25 @@ def synchronize(device: torch.device) -> None:
 def build(mode: str, d: int, dict_size: int, k: int, refresh_every: int, device: torch.device):
     sae = TopKSAE(d, dict_size, k=k, seed=0).to(device)
     regularizers = {} if mode == "none" else {
-        "c2r": C2R(coef=1.0, interval=1, neighbor_search=mode, refresh_every=refresh_every)
+        "c2r": C2R(coef=1.0, interval=1, neighbor_search=mode, refresh_every=refresh_every).to(device)
     }
-    module = SAEModule(sae, regularizers).to(device)
-    return module, torch.optim.Adam(sae.parameters(), lr=1e-4)
+    return sae, regularizers, torch.optim.Adam(sae.parameters(), lr=1e-4)
 
 
-def train_step(module: SAEModule, optimizer: torch.optim.Optimizer, x: torch.Tensor, step: int, autocast) -> None:
+def train_step(sae: TopKSAE, regularizers: dict[str, C2R], optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               step: int, autocast) -> None:
     with autocast():
-        terms, _ = module.loss_terms(x, step)
-        loss = sum(weight * value for value, weight in terms.values())
+        terms, _ = loss_terms(sae, regularizers, x, step)
+        loss = total_loss(terms)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    module.sae.remove_parallel_gradient()
-    optimizer.step()
-    module.sae.normalize_decoder()
+    apply_gradients(sae, optimizer)
 
 
-def time_step(module: SAEModule, optimizer, x: torch.Tensor, step: int, autocast, device: torch.device) -> float:
+def time_step(built: tuple, x: torch.Tensor, step: int, autocast, device: torch.device) -> float:
     synchronize(device)
     started = time.perf_counter()
-    train_step(module, optimizer, x, step, autocast)
+    train_step(*built, x, step, autocast)
     synchronize(device)
     return time.perf_counter() - started
 
@@ -75,16 +73,16 @@ def time_modes(args: argparse.Namespace, dict_size: int, device: torch.device) -
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     times: dict[str, list[float]] = {mode: [] for mode in args.modes}
     for step in range(args.steps + 1):  # step 0 is warm-up (allocations; for "candidates" also its first refresh)
-        for mode, (module, optimizer) in built.items():
-            times[mode].append(time_step(module, optimizer, x, step, autocast, device))
+        for mode, parts in built.items():
+            times[mode].append(time_step(parts, x, step, autocast, device))
     results = []
-    for mode, (module, _) in built.items():
+    for mode, (sae, regularizers, _) in built.items():
         steady = statistics.median(times[mode][1:])
         result = {"mode": mode, "dict_size": dict_size, "median_step_s": steady, "step_times_s": times[mode][1:]}
         if mode == "candidates":
             synchronize(device)
             started = time.perf_counter()
-            module.regularizers["c2r"].refresh(module.sae.W_dec, 0)
+            regularizers["c2r"].refresh(sae.W_dec, 0)
             synchronize(device)
             result["refresh_s"] = time.perf_counter() - started
             result["amortised_step_s"] = steady + result["refresh_s"] / args.refresh_every

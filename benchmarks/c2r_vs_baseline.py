@@ -2,7 +2,7 @@
 
 Every SAE is a TopK SAE with the same k (so L0 is matched exactly), width and training budget, trained on the same
 ``synthetic_hierarchy`` data (parents with mutually exclusive children, features in superposition) with the real
-training objective (``SAEModule.loss_terms``: MSE + AuxK + the C²R regularizer with its default schedule), then
+training step (``c2r.step``: MSE + AuxK + the C²R regularizer with its default schedule), then
 exported and evaluated through ``c2r.load_sae`` with ``c2r.evaluation`` on held-out shards. C²R's weight is swept
 over decades (its scale depends on batch size and width, DESIGN.md §1); each setting runs with several seeds (the
 SAE's initialisation and batch order; the data are fixed). A control trains the baseline on the same features with
@@ -35,6 +35,7 @@ from c2r.export import export_sae, load_sae
 from c2r.module import SAEModule
 from c2r.regularizers import C2R
 from c2r.sae import TopKSAE
+from c2r.step import apply_gradients, loss_terms, total_loss
 
 RESULTS = Path(__file__).parent / "results"
 DATA = dict(d=32, n_parents=8, children_per_parent=3, n_independent=16, l0=4.0, child_prob=0.75,
@@ -75,14 +76,11 @@ def train(x: torch.Tensor, *, coef: float, seed: int, args: argparse.Namespace) 
     order = torch.Generator().manual_seed(seed)
     for step in range(args.steps):
         batch = x[torch.randint(len(x), (args.batch_size,), generator=order)]
-        terms, out = module.loss_terms(batch, step)
-        loss = sum(weight * value for value, weight in terms.values())
+        terms, out = loss_terms(sae, regularizers, batch, step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_parallel_gradient()
-        optimizer.step()
+        total_loss(terms).backward()
+        apply_gradients(sae, optimizer)
         schedule.step()
-        sae.normalize_decoder()
         sae.update_firing((out.acts != 0).any(dim=0), args.batch_size)
     return sae
 

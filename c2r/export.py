@@ -11,7 +11,8 @@ So the pre-activations, and with them the codes ``f``, are the same before and a
 
 Inference forms (SAELens names): ``standard`` (ReLU), ``topk`` (``k`` in cfg.json), ``jumprelu`` (``threshold``;
 also BatchTopK and Matryoshka, with one shared threshold) and ``gated`` (``b_gate``, ``r_mag``, ``b_mag``, no
-``b_enc``).
+``b_enc``). Each architecture's class writes its form (``export_state``) and reads it back
+(``from_export_state``): ``load_sae`` returns ``ReLUSAE``, ``TopKSAE``, ``JumpReLUSAE`` or ``GatedSAE``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from c2r.jsonfile import write_json
-from c2r.sae import SparseAutoencoder
+from c2r.sae import GatedSAE, JumpReLUSAE, ReLUSAE, SparseAutoencoder, TopKSAE
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -67,46 +67,32 @@ def export_sae(
     return directory
 
 
-class InferenceSAE(nn.Module):
-    """A trained SAE on raw activations: ``encode(x) -> f``, ``decode(f) -> x̂``, ``forward(x) -> x̂``."""
-
-    ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
-
-    def __init__(self, cfg: dict, tensors: dict[str, Tensor]) -> None:
-        super().__init__()
-        if cfg["architecture"] not in self.ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {cfg['architecture']!r}; expected one of {', '.join(self.ARCHITECTURES)}"
-            )
-        self.cfg = cfg
-        for name, tensor in tensors.items():
-            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
-
-    def encode(self, x: Tensor) -> Tensor:
-        centred = x - self.b_dec
-        architecture = self.cfg["architecture"]
-        if architecture == "gated":
-            shared = centred @ self.W_enc
-            magnitude = (shared * self.r_mag.exp() + self.b_mag).relu()
-            return magnitude * (shared + self.b_gate > 0)
-        pre_acts = centred @ self.W_enc + self.b_enc
-        if architecture == "topk":
-            values, indices = pre_acts.topk(self.cfg["k"], dim=-1)
-            return torch.zeros_like(pre_acts).scatter(-1, indices, values.relu())
-        if architecture == "jumprelu":
-            return pre_acts.relu() * (pre_acts > self.threshold)
-        return pre_acts.relu()
-
-    def decode(self, acts: Tensor) -> Tensor:
-        return acts @ self.W_dec + self.b_dec
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+# The class ``load_sae`` rebuilds for each SAELens architecture name in cfg.json. BatchTopK and Matryoshka SAEs are
+# exported as JumpReLU with one shared threshold (SAELens's convention), so they come back as ``JumpReLUSAE``.
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    "standard": ReLUSAE,
+    "topk": TopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "gated": GatedSAE,
+}
 
 
-def load_sae(path: str | Path) -> InferenceSAE:
-    """Load an exported SAE (a folder with ``cfg.json`` and ``sae_weights.safetensors``); a damaged or incomplete
-    folder raises ``ValueError`` naming the file, before any work is done with it."""
+def sae_from_export(cfg: dict, tensors: dict[str, Tensor]) -> SparseAutoencoder:
+    """The SAE of an exported ``cfg`` and its tensors, as its architecture's class in eval mode without
+    gradients; ``cfg`` stays readable as ``sae.cfg`` (hook, model, training architecture)."""
+    if cfg["architecture"] not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {cfg['architecture']!r}; expected one of {', '.join(ARCHITECTURES)}"
+        )
+    sae = ARCHITECTURES[cfg["architecture"]].from_export_state(cfg, tensors)
+    sae.cfg = cfg
+    return sae.eval().requires_grad_(False)
+
+
+def load_sae(path: str | Path) -> SparseAutoencoder:
+    """Load an exported SAE (a folder with ``cfg.json`` and ``sae_weights.safetensors``) for raw activations:
+    ``encode(x) -> f``, ``decode(f) -> x̂``, ``forward(x) -> x̂``, ``W_dec [F, d]``. A damaged or incomplete folder
+    raises ``ValueError`` naming the file, before any work is done with it."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(
@@ -125,7 +111,13 @@ def load_sae(path: str | Path) -> InferenceSAE:
         tensors = load_file(path / WEIGHTS_FILE)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path / WEIGHTS_FILE} cannot be read ({error}): {fix}") from None
-    return InferenceSAE(cfg, tensors)
+    try:
+        return sae_from_export(cfg, tensors)
+    except (KeyError, RuntimeError) as error:  # a tensor missing, or of the wrong shape for cfg.json's sizes
+        raise ValueError(
+            f"{path / WEIGHTS_FILE} does not hold the tensors of a {cfg['architecture']!r} SAE of cfg.json's sizes "
+            f"({type(error).__name__}: {error}): {fix}"
+        ) from None
 
 
 def required_cfg_keys(cfg: dict) -> list[str]:

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from c2r.metrics import ReconstructionStats, batch_metrics
 from c2r.regularizers import Regularizer
-from c2r.sae import SAEOutput, SparseAutoencoder
+from c2r.sae import SparseAutoencoder
+from c2r.step import loss_terms, total_loss
 
 
 # Validation sums are all-reduced by hand (exact FVU over all ranks), so Lightning's advice to sync is moot.
@@ -69,22 +70,6 @@ class SAEModule(L.LightningModule):
         if not 0 <= decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
 
-    def loss_terms(self, x: Tensor, step: int) -> tuple[dict[str, tuple[Tensor, float]], SAEOutput]:
-        """All loss terms at ``step`` as ``name -> (raw, weight)``; scheduled regularizers appear only on the
-        steps where their weight is non-zero."""
-        out = self.sae(x)
-        terms = self.sae.losses(x, out, step)
-        for name, regularizer in self.regularizers.items():
-            if name in terms:
-                raise ValueError(
-                    f"a regularizer is named {name!r} like one of the SAE's own loss terms {sorted(terms)}: give it "
-                    "another name (each term is logged as losses/<name>)"
-                )
-            weight = regularizer.weight(step)
-            if weight:
-                terms[name] = (regularizer(out.codes, self.sae.W_dec, step), weight)
-        return terms, out
-
     def log_regularizer_metrics(self) -> None:
         """What regularizers report about themselves (e.g. C²R's neighbour staleness), as
         ``details/<name>/<metric>``."""
@@ -92,14 +77,19 @@ class SAEModule(L.LightningModule):
             for metric, value in regularizer.metrics.items():
                 self.log(f"details/{name}/{metric}", value)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the SAE stopped counting its own steps (the trainer's step is the one
+        # counter) carry that counter; drop it so they still resume.
+        checkpoint["state_dict"].pop("sae.training_steps", None)
+
     def on_train_start(self) -> None:
         self._wall_time_before_launch = float(self.wall_time_s)  # restored from the checkpoint when resuming
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor | dict[str, Tensor]]:
         """The loss, plus every raw term for callbacks (the non-finite guard) as ``outputs["terms"]``."""
         self.wall_time_s.fill_(self._wall_time_before_launch + time.time() - self.launch_time)
-        terms, out = self.loss_terms(batch, self.global_step)
-        loss = sum(weight * value for value, weight in terms.values())
+        terms, out = loss_terms(self.sae, self.regularizers, batch, self.global_step)
+        loss = total_loss(terms)
         for name, (value, weight) in terms.items():
             self.log(f"losses/{name}", value)
             self.log(f"losses/{name}_weighted", weight * value)
@@ -135,7 +125,7 @@ class SAEModule(L.LightningModule):
         self.val_firing_counts = None
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        out = self.sae(batch)
+        out = self.sae.forward_pass(batch)  # the trained form: no step, so k annealing is over
         self.val_stats.update(batch, out.recon, out.acts)
         fired = (out.acts != 0).sum(dim=0)
         self.val_firing_counts = fired if self.val_firing_counts is None else self.val_firing_counts + fired

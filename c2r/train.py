@@ -134,6 +134,7 @@ def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, 
     metrics = {
         **{name.removeprefix("val/"): float(value) for name, value in final.items()},
         "dead_fraction": float(module.sae.dead_mask().float().mean()),
+        # The trainer's step, read back from the checkpointed token count: a ddp_spawn parent's trainer keeps 0.
         "steps": int(module.tokens_seen) // cfg.batch_size,
         "tokens": int(module.tokens_seen),
         "wall_time_s": round(float(module.wall_time_s) + time.time() - fit_ended, 2),  # over all launches

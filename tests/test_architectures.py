@@ -10,12 +10,21 @@ import torch.nn.functional as F
 
 from c2r import load_sae
 from c2r.data import SyntheticShards
-from c2r.module import SAEModule
 from c2r.regularizers import Ortho, ortho_loss
 from c2r.regularizers.base import step_generator
-from c2r.sae import BatchTopKSAE, GatedSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, ReLUSAE, TopKSAE
+from c2r.sae import (
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    KSparseAutoencoder,
+    MatryoshkaBatchTopKSAE,
+    ReLUSAE,
+    TopKSAE,
+)
 from c2r.sae.jumprelu import heaviside, jumprelu
 from c2r.sae.matryoshka import group_sizes_from_fractions
+from c2r.schedule import Schedule
+from c2r.step import apply_gradients, loss_terms, total_loss
 from c2r.train import train
 from conftest import TINY, run_cli
 
@@ -33,10 +42,6 @@ ARCHITECTURES = list(BUILDERS)
 K_FREE = ("relu", "jumprelu", "gated")  # no model.k in their configs
 
 
-def total(terms):
-    return sum(weight * value for value, weight in terms.values())
-
-
 # --- every architecture -----------------------------------------------------------------------------------------
 
 
@@ -45,7 +50,7 @@ def test_shapes_and_the_decoder_sees_the_codes(name):
     torch.manual_seed(0)
     sae = BUILDERS[name](seed=1)
     x = torch.randn(10, D)
-    out = sae(x)
+    out = sae.forward_pass(x)
     assert out.pre_acts.shape == out.acts.shape == (10, F_)
     assert out.recon.shape == (10, D)
     assert sae.W_enc.shape == (D, F_) and sae.W_dec.shape == (F_, D)
@@ -54,7 +59,7 @@ def test_shapes_and_the_decoder_sees_the_codes(name):
     assert torch.allclose(out.recon, out.acts @ sae.W_dec + sae.b_dec, atol=1e-6)
     terms = sae.losses(x, out, step=0)
     assert "mse" in terms and all(torch.isfinite(value) for value, _ in terms.values())
-    total(terms).backward()
+    total_loss(terms).backward()
     assert sae.W_enc.grad is not None and sae.W_dec.grad is not None
 
 
@@ -62,20 +67,18 @@ def test_shapes_and_the_decoder_sees_the_codes(name):
 def test_decoder_norms_follow_the_architecture_policy(name):
     torch.manual_seed(0)
     sae = BUILDERS[name](seed=1)
-    module = SAEModule(sae, lr=1e-2, warmup_steps=0, total_steps=10)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for step in range(10):
         x = torch.randn(32, D) * 2
-        terms, out = module.loss_terms(x, step)
+        terms, out = loss_terms(sae, {}, x, step)
         optimizer.zero_grad()
-        total(terms).backward()
+        total_loss(terms).backward()
         grad = sae.W_dec.grad.clone()
         sae.remove_parallel_gradient()
         if not sae.unit_norm_decoder:
             assert torch.equal(sae.W_dec.grad, grad)  # floating rows: the radial gradient is kept
         optimizer.step()
         sae.normalize_decoder()
-        sae.update_firing((out.acts != 0).any(dim=0), 32)
     norms = sae.W_dec.detach().norm(dim=1)
     if name == "relu":
         assert not sae.unit_norm_decoder
@@ -83,7 +86,6 @@ def test_decoder_norms_follow_the_architecture_policy(name):
     else:
         assert sae.unit_norm_decoder
         assert torch.allclose(norms, torch.ones(F_), atol=1e-5)
-    assert int(sae.training_steps) == 10
 
 
 # --- TopK family: k annealing -----------------------------------------------------------------------------------
@@ -94,13 +96,30 @@ def test_k_anneals_linearly_from_k_start_to_k(cls):
     sae = cls(8, 64, k=4, k_start=20, k_anneal_steps=8)
     assert [sae.current_k(t) for t in (0, 1, 2, 4, 7, 8, 9, 1000)] == [20, 18, 16, 12, 6, 4, 4, 4]
     x = torch.randn(16, 8)
-    for expected in (20, 18, 16):  # the training-step counter (advanced by update_firing) drives the forward
-        acts = sae.encode(x)
+    for step, expected in ((0, 20), (1, 18), (2, 16), (None, 4)):  # the step given drives it; none: trained SAE
+        acts = sae.forward_pass(x, step).acts
         if cls is TopKSAE:
             assert ((acts != 0).sum(dim=1) == expected).all()
         else:
             assert int((acts != 0).sum()) == expected * 16
-        sae.update_firing((acts != 0).any(dim=0), 16)
+    if cls is TopKSAE:
+        assert sae.export_state()[2] == {"k": 4}  # exported as trained: at the target k
+
+
+def test_training_anneals_k_at_the_trainers_step_and_validates_the_trained_sae(compose_train, monkeypatch):
+    seen = []  # (step given to the forward, k used)
+    current_k = KSparseAutoencoder.current_k
+
+    def recording(self, step=None):
+        seen.append((step, current_k(self, step)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(KSparseAutoencoder, "current_k", recording)
+    train(compose_train(*tiny("topk"), "model.k_start=16", "model.k_anneal_steps=10", "evaluation=null"))
+    training = [entry for entry in seen if entry[0] is not None]
+    assert [step for step, _ in training] == list(range(20))  # Lightning's global_step, one call per step
+    assert [k for _, k in training[:11:5]] == [16, 10, 4] and {k for _, k in training[10:]} == {4}
+    assert {k for step, k in seen if step is None} == {4}  # validation: the trained SAE
 
 
 def test_k_annealing_is_off_by_default_and_its_settings_are_checked():
@@ -136,7 +155,7 @@ def test_matryoshka_prefix_losses_equal_a_naive_per_prefix_computation(reduction
     with torch.no_grad():
         sae.b_dec.normal_()
     x = torch.randn(20, D)
-    out = sae(x)
+    out = sae.forward_pass(x)
     assert int((out.acts != 0).sum()) == 6 * 20  # one BatchTopK over the whole dictionary
 
     naive = []
@@ -148,9 +167,9 @@ def test_matryoshka_prefix_losses_equal_a_naive_per_prefix_computation(reduction
     terms = sae.losses(x, out, step=0)
     assert set(terms) == {"mse", "prefix_mse"}
     assert terms["mse"][0].item() == pytest.approx(naive[-1].item(), rel=1e-5)  # the full reconstruction
-    assert total(terms).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert total_loss(terms).item() == pytest.approx(expected.item(), rel=1e-5)
     # And its gradient is the naive one.
-    grad = torch.autograd.grad(total(terms), sae.W_dec, retain_graph=True)[0]
+    grad = torch.autograd.grad(total_loss(terms), sae.W_dec, retain_graph=True)[0]
     naive_grad = torch.autograd.grad(expected, sae.W_dec)[0]
     assert torch.allclose(grad, naive_grad, atol=1e-5)
 
@@ -209,7 +228,7 @@ def test_jumprelu_l0_loss_and_its_threshold_gradient():
     torch.manual_seed(0)
     sae = JumpReLUSAE(D, F_, l0_coef=0.5, l0_warmup_steps=4, bandwidth=0.2, threshold_init=0.3, aux_coef=0)
     x = torch.randn(40, D)
-    out = sae(x)
+    out = sae.forward_pass(x)
     terms = sae.losses(x, out, step=1)
     value, weight = terms["l0"]
     assert weight == pytest.approx(0.5 * 2 / 4)  # linear warm-up: (step + 1) / l0_warmup_steps
@@ -233,7 +252,7 @@ def test_relu_l1_is_weighted_by_decoder_norms_and_warms_up():
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(F_, 1) * 3)
     x = torch.randn(12, D)
-    out = sae(x)
+    out = sae.forward_pass(x)
     assert torch.equal(out.acts, out.pre_acts.relu())
     terms = sae.losses(x, out, step=4)
     naive = sum(out.acts[b, i] * sae.W_dec[i].norm() for b in range(12) for i in range(F_)) / 12
@@ -263,7 +282,7 @@ def test_gated_codes_are_the_gated_magnitudes():
     torch.manual_seed(0)
     sae = gated_trained_like(GatedSAE(D, F_))
     x = torch.randn(30, D)
-    out = sae(x)
+    out = sae.forward_pass(x)
     centred = x - sae.b_dec
     gate = centred @ sae.W_enc + sae.b_enc
     magnitude = centred @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag  # the paper's rescaled encoder
@@ -276,7 +295,7 @@ def test_gated_aux_loss_matches_a_naive_computation_and_leaves_the_decoder_alone
     torch.manual_seed(0)
     sae = gated_trained_like(GatedSAE(D, F_, l1_coef=0.7, l1_warmup_steps=0, gate_aux_coef=1.0, aux_coef=0))
     x = torch.randn(9, D)
-    out = sae(x)
+    out = sae.forward_pass(x)
     terms = sae.losses(x, out, step=0)
     assert set(terms) == {"mse", "l1", "gate_aux"}
 
@@ -340,7 +359,7 @@ def test_ortho_ignores_activations_and_redraws_chunks_each_step():
 
 def test_ortho_schedule_and_defaults():
     regularizer = Ortho()
-    assert (regularizer.coef, regularizer.interval, regularizer.chunk_size) == (0.25, 1, 8192)
+    assert regularizer.schedule == Schedule(coef=0.25) and regularizer.chunk_size == 8192
     assert [regularizer.weight(t) for t in (0, 1, 2)] == [0.25, 0.25, 0.25]
     scheduled = Ortho(coef=0.5, interval=3, start_step=2)
     assert [scheduled.weight(t) for t in range(9)] == [0, 0, 1.5, 0, 0, 1.5, 0, 0, 1.5]
@@ -375,7 +394,7 @@ def test_extra_regularizers_add_terms_next_to_the_selected_one(compose_train):
         "extra_regularizers.ortho.coef=0.5",
     )
     regularizers = build_regularizers(cfg)
-    assert list(regularizers) == ["c2r", "ortho"] and regularizers["ortho"].coef == 0.5
+    assert list(regularizers) == ["c2r", "ortho"] and regularizers["ortho"].schedule.coef == 0.5
     assert list(build_regularizers(compose_train(*tiny("topk")))) == []  # regularizer=none, nothing extra
     with pytest.raises(ValueError, match="two regularizers are named 'ortho'"):
         build_regularizers(compose_train(*tiny("topk"), "regularizer=ortho", "+regularizer@extra_regularizers.ortho=ortho"))
@@ -422,18 +441,16 @@ def synthetic(tmp_path_factory):
 
 
 def fit(sae, x, steps=500, batch=256, lr=1e-2):
-    """A plain training loop with the same order of operations as SAEModule."""
+    """A plain training loop with the training step of SAEModule (``c2r.step``)."""
     generator = torch.Generator().manual_seed(0)
     sae.init_decoder_bias(x[:4096])
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     for step in range(steps):
         rows = x[torch.randint(0, x.shape[0], (batch,), generator=generator)]
-        out = sae(rows)
+        terms, out = loss_terms(sae, {}, rows, step)
         optimizer.zero_grad()
-        total(sae.losses(rows, out, step)).backward()
-        sae.remove_parallel_gradient()
-        optimizer.step()
-        sae.normalize_decoder()
+        total_loss(terms).backward()
+        apply_gradients(sae, optimizer)
         sae.update_firing((out.acts != 0).any(dim=0), batch)
     return sae.eval()
 

@@ -246,7 +246,7 @@ def c2r_loss_and_grads(sae, x, neighbor_search, steps=(0, 5)):
     regularizer = C2R(coef=1, interval=1, neighbor_search=neighbor_search, candidates=4, refresh_every=4,
                       probe_latents=8, chunk_size=8, seed=2)
     for step in steps:
-        loss = regularizer(sae(x).codes, sae.W_dec, step)
+        loss = regularizer(sae.forward_pass(x).codes, sae.W_dec, step)
     sae.zero_grad()
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters()}, regularizer.candidate_lists

@@ -8,6 +8,7 @@ import torch
 from c2r.regularizers import C2R, Regularizer, c2r_loss
 from c2r.geometry import nearest_neighbors_chunked, nearest_neighbors_exact
 from c2r.regularizers.c2r import pair_loss
+from c2r.schedule import Schedule
 
 
 # ---------------------------------------------------------------- naive reference (float64, python loops)
@@ -205,7 +206,7 @@ def test_schedule():
 
 def test_defaults():
     module = C2R()
-    assert (module.coef, module.alpha, module.interval, module.start_step) == (5.0, 1.0, 5, 0)
+    assert module.schedule == Schedule(coef=5.0, interval=5) and module.alpha == 1.0
     assert module.neighbor_search == "candidates" and module.candidates == 16 and module.refresh_every == 100
     assert module.probe_latents == 512 and module.target_agreement == 0.99
     assert module.chunk_size == 8192 and module.audit_every == 0
@@ -320,7 +321,7 @@ def test_sparse_codes_give_the_dense_loss_and_gradients(architecture):
     grads = []
     for use_sparse in (False, True):
         sae.zero_grad()
-        out = sae(x)
+        out = sae.forward_pass(x)
         assert isinstance(out.sparse, SparseCodes) and out.codes is out.sparse
         rebuilt = torch.zeros(32).index_add(0, out.sparse.latents, out.sparse.values.detach().square())
         assert torch.allclose(rebuilt, out.acts.detach().square().sum(dim=0))
@@ -337,5 +338,5 @@ def test_architectures_without_explicit_selection_pass_dense_codes():
     from c2r.sae import JumpReLUSAE, ReLUSAE
 
     for sae in (ReLUSAE(8, 16, seed=0), JumpReLUSAE(8, 16, seed=0)):
-        out = sae(torch.randn(4, 8))
+        out = sae.forward_pass(torch.randn(4, 8))
         assert out.sparse is None and out.codes is out.acts

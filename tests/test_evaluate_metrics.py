@@ -11,10 +11,11 @@ from c2r.data import ShardWriter, SyntheticShards
 from c2r.data.hierarchy import HierarchicalShards, load_ground_truth
 from c2r.data.shards import Manifest
 from c2r.evaluation import evaluate_rows, run_evaluation, select_rows
-from c2r.export import InferenceSAE
+from c2r.export import sae_from_export
+from c2r.sae import SparseAutoencoder
 
 
-def jumprelu_sae(W_enc: torch.Tensor, W_dec: torch.Tensor, threshold: float = 0.25) -> InferenceSAE:
+def jumprelu_sae(W_enc: torch.Tensor, W_dec: torch.Tensor, threshold: float = 0.25) -> SparseAutoencoder:
     """An exported-form SAE with the given encoder [d, F] and decoder [F, d], no biases."""
     n_latents, d = W_dec.shape
     tensors = {
@@ -24,7 +25,7 @@ def jumprelu_sae(W_enc: torch.Tensor, W_dec: torch.Tensor, threshold: float = 0.
         "b_dec": torch.zeros(d),
         "threshold": torch.full((n_latents,), threshold),
     }
-    return InferenceSAE({"architecture": "jumprelu", "d_in": d, "d_sae": n_latents}, tensors)
+    return sae_from_export({"architecture": "jumprelu", "d_in": d, "d_sae": n_latents}, tensors)
 
 
 def orthogonal_source(cache, **overrides) -> HierarchicalShards:
@@ -164,7 +165,7 @@ def test_core_metrics_match_a_naive_computation(tmp_path):
         "b_dec": torch.randn(d, generator=gen) * 0.1,
     }
     tensors["W_dec"][3] = tensors["W_dec"][7] * 2  # one pair of parallel decoder rows
-    sae = InferenceSAE({"architecture": "topk", "k": 3, "d_in": d, "d_sae": n_latents}, tensors)
+    sae = sae_from_export({"architecture": "topk", "k": 3, "d_in": d, "d_sae": n_latents}, tensors)
     rows = select_rows(shard_dir, tokens=2500, split="all")
     settings = {"core": {"dead_threshold": 0.01, "dense_threshold": 0.05, "cos_thresholds": [0.5]}}
     core = evaluate_rows(sae, rows, evals=["core"], settings=settings, batch_size=333)["core"]

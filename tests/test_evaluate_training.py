@@ -11,6 +11,7 @@ from c2r.data.shards import Manifest
 from c2r.evaluation import run_evaluation
 from c2r.export import export_sae
 from c2r.module import SAEModule
+from c2r.step import apply_gradients, loss_terms, total_loss
 from c2r.sae import TopKSAE
 
 STEPS, BATCH, LR = 1000, 256, 3e-3
@@ -32,14 +33,11 @@ def train_and_evaluate(cache, hierarchy: bool, tmp_path) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, module.lr_factor)
     order = torch.Generator().manual_seed(0)
     for step in range(STEPS):
-        terms, _ = module.loss_terms(x[torch.randint(len(x), (BATCH,), generator=order)], step)
-        loss = sum(weight * value for value, weight in terms.values())
+        terms, _ = loss_terms(sae, {}, x[torch.randint(len(x), (BATCH,), generator=order)], step)
         optimizer.zero_grad()
-        loss.backward()
-        sae.remove_parallel_gradient()
-        optimizer.step()
+        total_loss(terms).backward()
+        apply_gradients(sae, optimizer)
         schedule.step()
-        sae.normalize_decoder()
     export_sae(sae, tmp_path / f"sae_{hierarchy}", normalization_factor=manifest.normalization_factor)
     return run_evaluation(load_sae(tmp_path / f"sae_{hierarchy}"), shard_dir, None, plots=False)
 

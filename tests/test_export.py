@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from c2r import load_sae
 from c2r.export import export_sae
@@ -59,6 +59,11 @@ EXPORTED_AS = {
 }
 
 
+# The class load_sae returns: the architecture's own, or for BatchTopK and Matryoshka that of their exported form.
+LOADED_AS = {"topk": TopKSAE, "batchtopk": JumpReLUSAE, "matryoshka": JumpReLUSAE, "relu": ReLUSAE,
+             "jumprelu": JumpReLUSAE, "gated": GatedSAE}
+
+
 @pytest.mark.parametrize("architecture", list(EXPORTED_AS))
 def test_export_round_trip_on_raw_activations(tmp_path, architecture):
     torch.manual_seed(0)
@@ -83,6 +88,8 @@ def test_export_round_trip_on_raw_activations(tmp_path, architecture):
     assert tensors["W_enc"].shape == (12, 48) and tensors["W_dec"].shape == (48, 12)
     name, expected_tensors = EXPORTED_AS[architecture]
     assert cfg["architecture"] == name and set(tensors) == expected_tensors
+    assert type(loaded) is LOADED_AS[architecture] and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
     # Only W_enc, W_dec and b_dec carry the normalisation; what acts on pre-activations is exported as trained.
     assert torch.allclose(tensors["W_dec"], sae.W_dec.detach() / scale)
     if architecture == "topk":
@@ -96,12 +103,36 @@ def test_export_round_trip_on_raw_activations(tmp_path, architecture):
         assert torch.equal(tensors["r_mag"], sae.r_mag.detach()) and torch.equal(tensors["b_mag"], sae.b_mag.detach())
 
 
+def test_a_batchtopk_sae_exported_before_any_training_batch_loads_as_relu(tmp_path):
+    # Its threshold is still the "not estimated" -1: a JumpReLU with threshold <= 0 is a ReLU (log θ = -inf, not NaN).
+    sae = trained_like(BatchTopKSAE(12, 48, k=5)).eval()
+    export_sae(sae, tmp_path, normalization_factor=1.0)
+    assert torch.equal(load_file(tmp_path / "sae_weights.safetensors")["threshold"], torch.full((48,), -1.0))
+    loaded = load_sae(tmp_path)
+    x = torch.randn(30, 12)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode(x), sae.pre_activations(x).relu(), atol=1e-6)
+
+
 def test_an_unknown_exported_architecture_is_refused(tmp_path):
     sae = build("relu")
     export_sae(sae, tmp_path, normalization_factor=1.0)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "transcoder"}))
     with pytest.raises(ValueError, match="unsupported architecture 'transcoder'"):
+        load_sae(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["drop threshold", "wrong shape"])
+def test_weights_that_do_not_fit_cfg_json_are_refused_naming_the_file(tmp_path, damage):
+    export_sae(build("jumprelu"), tmp_path, normalization_factor=1.0)
+    tensors = load_file(tmp_path / "sae_weights.safetensors")
+    if damage == "drop threshold":
+        del tensors["threshold"]
+    else:
+        tensors["W_enc"] = tensors["W_enc"][:, :10].contiguous()
+    save_file(tensors, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(ValueError, match="sae_weights.safetensors does not hold the tensors of a 'jumprelu' SAE"):
         load_sae(tmp_path)
 
 

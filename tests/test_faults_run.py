@@ -12,13 +12,13 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+import c2r.module
 from c2r.checkpointing import CheckpointDamaged
 from c2r.config_checks import ConfigError
 from c2r.data import ActivationDataModule
 from c2r.evaluate import evaluate
 from c2r.export import export_sae
 from c2r.jsonfile import write_json
-from c2r.module import SAEModule
 from c2r.nonfinite import NonFiniteError, check_finite_metrics
 from c2r.report import main as report_main
 from c2r.run_folder import FAILED, RUN_CONFIG, RunConfigChanged, RunFolderBusy, locked
@@ -37,17 +37,17 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_a_relaunch_ret
     compose_train, tmp_path, monkeypatch
 ):
     run_dir = tmp_path / "run"
-    original = SAEModule.loss_terms
+    original = c2r.module.loss_terms
 
-    def poisoned(self, x, step):  # an inf term at step 13, after the checkpoint at step 10; a slow step 2
-        terms, out = original(self, x, step)
+    def poisoned(sae, regularizers, x, step):  # an inf term at step 13, after the checkpoint at step 10; a slow step 2
+        terms, out = original(sae, regularizers, x, step)
         if step == 2:
             time.sleep(1.0)
         if step == 13:
             terms["mse"] = (terms["mse"][0] * float("inf"), terms["mse"][1])
         return terms, out
 
-    monkeypatch.setattr(SAEModule, "loss_terms", poisoned)
+    monkeypatch.setattr(c2r.module, "loss_terms", poisoned)
     monkeypatch.setattr(ActivationDataModule, "describe_training_batch",
                         lambda self, step: f"shard_00002.npy rows {step}", raising=False)
     with pytest.raises(NonFiniteError) as error:
@@ -63,7 +63,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_a_relaunch_ret
     wall_before = float(kept["state_dict"]["wall_time_s"])
     assert wall_before >= 1.0
 
-    monkeypatch.setattr(SAEModule, "loss_terms", original)  # the data is fine again: the relaunch retries
+    monkeypatch.setattr(c2r.module, "loss_terms", original)  # the data is fine again: the relaunch retries
     cfg = compose_train(*TINY, "evaluation=null")
     started = time.time()
     metrics = train(cfg)

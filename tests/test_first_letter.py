@@ -31,17 +31,18 @@ from c2r.evaluation.first_letter_metrics import (
     train_linear_probe,
     word_absorption,
 )
-from c2r.export import InferenceSAE
+from c2r.export import sae_from_export
+from c2r.sae import SparseAutoencoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LETTERS = string.ascii_lowercase
 
 
-def relu_sae(W_enc: torch.Tensor, W_dec: torch.Tensor) -> InferenceSAE:
+def relu_sae(W_enc: torch.Tensor, W_dec: torch.Tensor) -> SparseAutoencoder:
     """An exported-form ReLU SAE with the given encoder [d, F] and decoder [F, d], no biases."""
     n_latents, d = W_dec.shape
     tensors = {"W_enc": W_enc.float(), "W_dec": W_dec.float(), "b_enc": torch.zeros(n_latents), "b_dec": torch.zeros(d)}
-    return InferenceSAE({"architecture": "standard", "d_in": d, "d_sae": n_latents}, tensors)
+    return sae_from_export({"architecture": "standard", "d_in": d, "d_sae": n_latents}, tensors)
 
 
 def letter_codes(n_pos: int, n_neg: int, active: list[torch.Tensor], n_noise: int, seed: int):

@@ -71,3 +71,14 @@ def test_submitit_local_launcher_runs_a_sweep_and_a_relaunch_skips_it(tmp_path):
     again = run_cli("c2r.train", *command, cwd=tmp_path)  # the same sweep again: nothing to do
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.parent.name: p.stat().st_mtime for p in sweep_dir.glob("*/metrics.json")} == finished
+
+
+def test_a_checkpoint_with_the_former_sae_step_counter_still_loads():
+    # Before the trainer's step became the one step counter, the SAE checkpointed its own ``training_steps``.
+    from c2r.module import SAEModule
+    from c2r.sae import TopKSAE
+
+    module = SAEModule(TopKSAE(4, 8, k=1))
+    checkpoint = {"state_dict": {**module.state_dict(), "sae.training_steps": torch.tensor(7)}}
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])  # strict, as Lightning loads it

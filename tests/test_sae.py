@@ -90,7 +90,7 @@ def test_auxk_is_zero_without_dead_latents_and_matches_the_formula_with_them():
     torch.manual_seed(0)
     sae = TopKSAE(8, 32, k=2, aux_k=3, dead_tokens=100)
     x = torch.randn(10, 8)
-    out = sae(x)
+    out = sae.forward_pass(x)
     assert sae.auxk_loss(x, out).item() == 0.0
 
     dead = torch.zeros(32, dtype=torch.bool)

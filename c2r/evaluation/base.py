@@ -13,8 +13,8 @@ from c2r.evaluation.data import EvalRows, RowBatch
 
 
 class SAELike(Protocol):
-    """What the evaluations use of an SAE: ``c2r.load_sae``'s ``InferenceSAE`` (raw activations) or a training
-    ``SparseAutoencoder`` (normalised activations: pass rows in its scale) both fit."""
+    """What the evaluations use of an SAE: an exported one from ``c2r.load_sae`` (raw activations) or one in
+    training (normalised activations: pass rows in its scale) both fit."""
 
     W_enc: Tensor  # [d, F]
     W_dec: Tensor  # [F, d]

@@ -1,4 +1,4 @@
-"""What every penalty on (latent activations, decoder rows) shares: a weight and a schedule."""
+"""What every penalty on (latent activations, decoder rows) shares: a scheduled weight."""
 
 from __future__ import annotations
 
@@ -6,36 +6,27 @@ import torch
 from torch import Tensor, nn
 
 from c2r.sae.base import SparseCodes
+from c2r.schedule import Schedule
 
 
 class Regularizer(nn.Module):
     """A penalty added to the SAE loss as ``weight(step) * forward(acts, decoder_rows)``.
 
-    The schedule follows the paper: the term is computed only on steps ``t >= start_step`` with
-    ``(t - start_step) % interval == 0`` and multiplied by ``interval`` there, so its average strength over
-    many steps is ``coef`` while its cost is paid on one step in ``interval``. The weight is named ``coef``
-    (not ``lambda``) so that Hydra can pass it as a keyword argument.
+    The weight follows a :class:`~c2r.schedule.Schedule` (the paper's): the term is computed only on steps
+    ``t >= start_step`` with ``(t - start_step) % interval == 0`` and multiplied by ``interval`` there, so its
+    average strength over many steps is ``coef`` while its cost is paid on one step in ``interval``. The weight is
+    named ``coef`` (not ``lambda``) so that Hydra can pass it as a keyword argument.
     """
 
     def __init__(self, coef: float, start_step: int = 0, interval: int = 1) -> None:
         super().__init__()
-        if coef < 0:
-            raise ValueError(f"regularizer coef must be >= 0, got {coef}; use coef=0 to switch the term off")
-        if interval < 1:
-            raise ValueError(f"regularizer interval must be >= 1 (1 = every step), got {interval}")
-        if start_step < 0:
-            raise ValueError(f"regularizer start_step must be >= 0, got {start_step}")
-        self.coef = float(coef)
-        self.start_step = int(start_step)
-        self.interval = int(interval)
+        self.schedule = Schedule(float(coef), start_step=int(start_step), interval=int(interval))
         # Diagnostics of the last call (e.g. C²R's neighbour staleness), logged as details/<name>/<key>.
         self.metrics: dict[str, torch.Tensor] = {}
 
     def weight(self, step: int) -> float:
         """The multiplier of the raw term at ``step``; 0.0 means: skip computing it."""
-        if self.coef == 0 or step < self.start_step or (step - self.start_step) % self.interval:
-            return 0.0
-        return self.coef * self.interval
+        return self.schedule.weight(step)
 
     def forward(self, acts: Tensor | SparseCodes, decoder_rows: Tensor, step: int) -> Tensor:  # pragma: no cover
         """The raw (unweighted) scalar penalty for the post-sparsity codes (dense ``[B, F]``, or their non-zero

@@ -346,7 +346,7 @@ class C2R(Regularizer):
 
     def extra_repr(self) -> str:
         return (
-            f"coef={self.coef}, alpha={self.alpha}, interval={self.interval}, start_step={self.start_step}, "
+            f"{self.schedule}, alpha={self.alpha}, "
             f"neighbor_search={self.neighbor_search!r}, candidates={self.candidates}, refresh_every={self.refresh_every}, "
             f"probe_latents={self.probe_latents}, target_agreement={self.target_agreement}, chunk_size={self.chunk_size}, tile_size={self.tile_size}, "
             f"seed={self.seed}"

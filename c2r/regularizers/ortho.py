@@ -65,6 +65,5 @@ class Ortho(Regularizer):
 
     def extra_repr(self) -> str:
         return (
-            f"coef={self.coef}, chunk_size={self.chunk_size}, interval={self.interval}, "
-            f"start_step={self.start_step}, tile_size={self.tile_size}, seed={self.seed}"
+            f"{self.schedule}, chunk_size={self.chunk_size}, tile_size={self.tile_size}, seed={self.seed}"
         )

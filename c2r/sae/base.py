@@ -1,11 +1,12 @@
 """What every SAE architecture shares; each architecture file holds only what differs.
 
 Shared here: the affine encoder/decoder parameters, the decoder-row norm policy (unit norm, or free for
-architectures that opt out), the data-initialised decoder bias, dead-latent tracking, a training-step counter,
-the AuxK loss that revives dead latents and the assembly of the named loss terms. An architecture implements
-``activate`` (pre-activations → post-sparsity codes) and ``export_state`` (its inference form), and may add loss
-terms via ``extra_losses`` or replace the reconstruction term via ``reconstruction_losses``; one with several encoder
-paths (Gated) overrides ``encode_with_pre_acts`` instead of ``activate``.
+architectures that opt out), the data-initialised decoder bias, dead-latent tracking, the AuxK loss that revives
+dead latents and the assembly of the named loss terms. An architecture implements ``activate`` (pre-activations →
+post-sparsity codes) and ``export_state`` (its inference form, with ``from_export_state`` its inverse, through which
+``c2r.load_sae`` rebuilds an exported SAE), and may add loss terms via ``extra_losses`` or replace the reconstruction
+term via ``reconstruction_losses``; one with several encoder paths (Gated) overrides ``encode_with_pre_acts`` instead
+of ``activate``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+ENCODER_DECODER = ("W_enc", "b_enc", "W_dec", "b_dec")  # the tensors every inference form holds
 
 LossTerms = dict[str, tuple[Tensor, float]]
 """Named loss terms, ``name -> (raw value, weight)``; logged as ``losses/<name>``."""
@@ -92,9 +95,6 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(dict_size, dtype=torch.long))
-        # Training batches seen (one per ``update_firing``): drives schedules that act inside ``forward``, such
-        # as k annealing, and is checkpointed with the weights so a resumed run continues them.
-        self.register_buffer("training_steps", torch.zeros((), dtype=torch.long))
 
     # --- what architectures implement -------------------------------------------------------------------------
     def activate(self, pre_acts: Tensor) -> Tensor:
@@ -115,6 +115,17 @@ class SparseAutoencoder(nn.Module):
         (every other tensor acts on pre-activations, which the folding leaves unchanged)."""
         raise NotImplementedError
 
+    @classmethod
+    def from_export_state(cls, cfg: dict, tensors: dict[str, Tensor], **settings) -> SparseAutoencoder:
+        """The SAE of an exported ``cfg`` (cfg.json) and its tensors: the inverse of ``export_state``. This base
+        builds ``cls(d_in, d_sae, **settings)`` and loads ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``; an
+        architecture with more settings or tensors extends it."""
+        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), **settings)
+        with torch.no_grad():
+            for name in ENCODER_DECODER:
+                getattr(sae, name).copy_(tensors[name])
+        return sae
+
     # --- shared ------------------------------------------------------------------------------------------------
     def pre_activations(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc
@@ -130,7 +141,13 @@ class SparseAutoencoder(nn.Module):
     def decode(self, acts: Tensor) -> Tensor:
         return acts @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction ``x̂`` (what an SAE is called for at inference)."""
+        return self.decode(self.encode(x))
+
+    def forward_pass(self, x: Tensor, step: int | None = None) -> SAEOutput:
+        """Everything the losses, regularizers and metrics read of one pass. ``step`` is the training step, for
+        schedules acting inside the forward (k annealing); ``None`` is the trained SAE (every schedule at its end)."""
         pre_acts, acts = self.encode_with_pre_acts(x)
         return SAEOutput(pre_acts=pre_acts, acts=acts, recon=self.decode(acts))
 
@@ -145,7 +162,7 @@ class SparseAutoencoder(nn.Module):
 
     def encoder_decoder_tensors(self) -> dict[str, Tensor]:
         """``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` detached: the core of every inference form."""
-        return {name: getattr(self, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        return {name: getattr(self, name).detach() for name in ENCODER_DECODER}
 
     def auxk_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
         """Reconstruct the residual with the top ``aux_k`` dead latents (Gao et al. 2024), normalised by the
@@ -168,11 +185,9 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def update_firing(self, fired: Tensor, n_tokens: int) -> None:
-        """Record one training batch of ``n_tokens`` rows in which the latents ``fired [F]`` (bool) fired;
-        also advances ``training_steps``."""
+        """Record one training batch of ``n_tokens`` rows in which the latents ``fired [F]`` (bool) fired."""
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired] = 0
-        self.training_steps += 1
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -207,18 +222,3 @@ def mse(recon: Tensor, x: Tensor) -> Tensor:
     """Squared error summed over the feature dimension, averaged over rows (scale matches E‖x‖² = 1)."""
     return (recon - x).pow(2).sum(dim=-1).mean()
 
-
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up of a coefficient: ``(step + 1) / warmup_steps`` until it reaches 1 (the LR warm-up's
-    convention: the last warm-up step has the full value); 1 throughout when ``warmup_steps == 0``."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
-
-
-def check_sparsity_coef(name: str, coef: float, warmup_steps: int) -> None:
-    """Validate a sparsity coefficient and its warm-up length (``name`` is the config key's prefix)."""
-    if coef < 0:
-        raise ValueError(f"{name}_coef must be >= 0 (0 switches the sparsity penalty off), got {coef}")
-    if warmup_steps < 0:
-        raise ValueError(f"{name}_warmup_steps must be >= 0 (0 = no warm-up), got {warmup_steps}")

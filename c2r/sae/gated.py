@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from c2r.sae.base import LossTerms, SAEOutput, SparseAutoencoder, check_sparsity_coef, mse, warmup_factor
+from c2r.sae.base import LossTerms, SAEOutput, SparseAutoencoder, mse
+from c2r.schedule import Schedule
 
 
 class GatedSAE(SparseAutoencoder):
@@ -44,11 +45,9 @@ class GatedSAE(SparseAutoencoder):
         **kwargs,
     ) -> None:
         super().__init__(d_in, dict_size, **kwargs)
-        check_sparsity_coef("l1", l1_coef, l1_warmup_steps)
         if gate_aux_coef < 0:
             raise ValueError(f"gate_aux_coef must be >= 0, got {gate_aux_coef}")
-        self.l1_coef = float(l1_coef)
-        self.l1_warmup_steps = int(l1_warmup_steps)
+        self.l1 = Schedule(float(l1_coef), warmup_steps=int(l1_warmup_steps), key_prefix="l1_")
         self.gate_aux_coef = float(gate_aux_coef)
         self.r_mag = nn.Parameter(torch.zeros(dict_size))
         self.b_mag = nn.Parameter(torch.zeros(dict_size))
@@ -63,7 +62,7 @@ class GatedSAE(SparseAutoencoder):
         gate = out.pre_acts.relu()
         via_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
         return {
-            "l1": (gate.sum(dim=-1).mean(), self.l1_coef * warmup_factor(step, self.l1_warmup_steps)),
+            "l1": (gate.sum(dim=-1).mean(), self.l1.weight(step)),
             "gate_aux": (mse(via_gate, x), self.gate_aux_coef),
         }
 
@@ -73,3 +72,11 @@ class GatedSAE(SparseAutoencoder):
         tensors["r_mag"] = self.r_mag.detach()
         tensors["b_mag"] = self.b_mag.detach()
         return "gated", tensors, {}
+
+    @classmethod
+    def from_export_state(cls, cfg: dict, tensors: dict[str, Tensor], **settings) -> GatedSAE:
+        sae = super().from_export_state(cfg, {**tensors, "b_enc": tensors["b_gate"]}, **settings)
+        with torch.no_grad():
+            sae.r_mag.copy_(tensors["r_mag"])
+            sae.b_mag.copy_(tensors["b_mag"])
+        return sae

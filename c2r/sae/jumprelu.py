@@ -18,7 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from c2r.sae.base import LossTerms, SAEOutput, SparseAutoencoder, check_sparsity_coef, warmup_factor
+from c2r.sae.base import LossTerms, SAEOutput, SparseAutoencoder
+from c2r.schedule import Schedule
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -102,13 +103,11 @@ class JumpReLUSAE(SparseAutoencoder):
         **kwargs,
     ) -> None:
         super().__init__(d_in, dict_size, **kwargs)
-        check_sparsity_coef("l0", l0_coef, l0_warmup_steps)
         if bandwidth <= 0:
             raise ValueError(f"bandwidth must be > 0 (width of the straight-through kernel), got {bandwidth}")
         if threshold_init <= 0:
             raise ValueError(f"threshold_init must be > 0 (thresholds are exp(log_threshold)), got {threshold_init}")
-        self.l0_coef = float(l0_coef)
-        self.l0_warmup_steps = int(l0_warmup_steps)
+        self.l0 = Schedule(float(l0_coef), warmup_steps=int(l0_warmup_steps), key_prefix="l0_")
         self.bandwidth = float(bandwidth)
         self.log_threshold = nn.Parameter(torch.full((dict_size,), math.log(threshold_init)))
 
@@ -121,7 +120,18 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def extra_losses(self, x: Tensor, out: SAEOutput, step: int) -> LossTerms:
         l0 = heaviside(out.pre_acts, self.threshold, self.bandwidth).sum(dim=-1).mean()
-        return {"l0": (l0, self.l0_coef * warmup_factor(step, self.l0_warmup_steps))}
+        return {"l0": (l0, self.l0.weight(step))}
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
         return "jumprelu", {**self.encoder_decoder_tensors(), "threshold": self.threshold.detach()}, {}
+
+    @classmethod
+    def from_export_state(cls, cfg: dict, tensors: dict[str, Tensor], **settings) -> JumpReLUSAE:
+        """Also the inference form of BatchTopK and Matryoshka SAEs (one shared threshold). A threshold <= 0
+        (a BatchTopK SAE exported before any training batch set it) acts as 0: ``z · H(z − θ)`` is then
+        ``ReLU(z)``, as with any θ <= 0, so it loads as ``log θ = −inf``. ``exp(log θ)`` may differ from the file's
+        θ in the last bit."""
+        sae = super().from_export_state(cfg, tensors, **settings)
+        with torch.no_grad():
+            sae.log_threshold.copy_(tensors["threshold"].clamp_min(0).log())
+        return sae

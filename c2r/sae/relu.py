@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from c2r.sae.base import LossTerms, SAEOutput, SparseAutoencoder, check_sparsity_coef, warmup_factor
+from c2r.sae.base import LossTerms, SAEOutput, SparseAutoencoder
+from c2r.schedule import Schedule
 
 
 class ReLUSAE(SparseAutoencoder):
@@ -40,11 +41,9 @@ class ReLUSAE(SparseAutoencoder):
         **kwargs,
     ) -> None:
         super().__init__(d_in, dict_size, **kwargs)
-        check_sparsity_coef("l1", l1_coef, l1_warmup_steps)
         if decoder_init_norm <= 0:
             raise ValueError(f"decoder_init_norm must be > 0, got {decoder_init_norm}")
-        self.l1_coef = float(l1_coef)
-        self.l1_warmup_steps = int(l1_warmup_steps)
+        self.l1 = Schedule(float(l1_coef), warmup_steps=int(l1_warmup_steps), key_prefix="l1_")
         with torch.no_grad():
             self.W_dec.mul_(decoder_init_norm)
             self.W_enc.mul_(decoder_init_norm)
@@ -54,7 +53,7 @@ class ReLUSAE(SparseAutoencoder):
 
     def extra_losses(self, x: Tensor, out: SAEOutput, step: int) -> LossTerms:
         l1 = (out.acts * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
-        return {"l1": (l1, self.l1_coef * warmup_factor(step, self.l1_warmup_steps))}
+        return {"l1": (l1, self.l1.weight(step))}
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
         return "standard", self.encoder_decoder_tensors(), {}

@@ -13,8 +13,9 @@ class KSparseAutoencoder(SparseAutoencoder):
 
     Annealing (off by default): with ``k_anneal_steps > 0``, training starts at ``k_start`` active latents and
     ``k`` decreases linearly to the target ``k`` over the first ``k_anneal_steps`` training steps
-    (``round(k_start + (k - k_start) · min(1, t / k_anneal_steps))`` at step t, counted by ``training_steps``),
-    then stays at ``k``. Starting dense eases early optimisation and leaves fewer dead latents.
+    (``round(k_start + (k - k_start) · min(1, t / k_anneal_steps))`` at the training step t that
+    ``forward_pass`` is given), then stays at ``k``. Starting dense eases early optimisation and leaves fewer dead
+    latents. Without a step (``encode``, validation, export) the SAE is the trained one: ``k`` active latents.
     """
 
     def __init__(
@@ -42,24 +43,23 @@ class KSparseAutoencoder(SparseAutoencoder):
         self.k_start = None if k_start is None else int(k_start)
         self.k_anneal_steps = int(k_anneal_steps)
 
-    def select(self, pre_acts: Tensor) -> tuple[Tensor, SparseCodes | None]:
-        """The dense codes ``[B, F]`` and their non-zero entries (``None`` where the selection is not explicit)."""
+    def select(self, pre_acts: Tensor, k: int) -> tuple[Tensor, SparseCodes | None]:
+        """The dense codes ``[B, F]`` with ``k`` active latents per row (on average, for BatchTopK) and their
+        non-zero entries (``None`` where the selection is not explicit)."""
         raise NotImplementedError
 
     def activate(self, pre_acts: Tensor) -> Tensor:
-        return self.select(pre_acts)[0]
+        return self.select(pre_acts, self.k)[0]
 
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward_pass(self, x: Tensor, step: int | None = None) -> SAEOutput:
         pre_acts = self.pre_activations(x)
-        acts, sparse = self.select(pre_acts)
+        acts, sparse = self.select(pre_acts, self.current_k(step))
         return SAEOutput(pre_acts=pre_acts, acts=acts, recon=self.decode(acts), sparse=sparse)
 
     def current_k(self, step: int | None = None) -> int:
-        """The number of active latents per row at training ``step`` (default: ``training_steps``)."""
-        if self.k_anneal_steps == 0:
+        """The number of active latents per row at training ``step``; ``k`` for the trained SAE (``None``)."""
+        if self.k_anneal_steps == 0 or step is None:
             return self.k
-        if step is None:
-            step = int(self.training_steps)
         progress = min(1.0, step / self.k_anneal_steps)
         return round(self.k_start + (self.k - self.k_start) * progress)
 
@@ -69,15 +69,18 @@ class TopKSAE(KSparseAutoencoder):
 
     architecture = "topk"
 
-    def select(self, pre_acts: Tensor) -> tuple[Tensor, SparseCodes]:
-        values, indices = pre_acts.topk(self.current_k(), dim=-1)
+    def select(self, pre_acts: Tensor, k: int) -> tuple[Tensor, SparseCodes]:
+        values, indices = pre_acts.topk(k, dim=-1)
         values = values.relu()
         acts = torch.zeros_like(pre_acts).scatter(-1, indices, values)
         return acts, SparseCodes(indices.flatten(), values.flatten(), self.dict_size)
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
-        # The k the model was last trained with (the target k unless training stopped mid-annealing).
-        return "topk", self.encoder_decoder_tensors(), {"k": self.current_k()}
+        return "topk", self.encoder_decoder_tensors(), {"k": self.k}
+
+    @classmethod
+    def from_export_state(cls, cfg: dict, tensors: dict[str, Tensor], **settings) -> TopKSAE:
+        return super().from_export_state(cfg, tensors, k=int(cfg["k"]), **settings)
 
 
 class BatchTopKSAE(KSparseAutoencoder):
@@ -97,13 +100,13 @@ class BatchTopKSAE(KSparseAutoencoder):
         # Negative until the first training batch sets it: "not estimated yet".
         self.register_buffer("threshold", torch.tensor(-1.0))
 
-    def select(self, pre_acts: Tensor) -> tuple[Tensor, SparseCodes | None]:
+    def select(self, pre_acts: Tensor, k: int) -> tuple[Tensor, SparseCodes | None]:
         # Until a training batch has set the threshold (e.g. Lightning's sanity validation), eval mode also
         # uses the batch selection.
         if not self.training and self.threshold >= 0:
             return pre_acts * (pre_acts > self.threshold), None
         flat = pre_acts.relu().flatten()
-        values, indices = flat.topk(min(self.current_k() * pre_acts.shape[0], flat.numel()))
+        values, indices = flat.topk(min(k * pre_acts.shape[0], flat.numel()))
         if self.training:
             self._update_threshold(values)
         acts = torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
@@ -121,6 +124,7 @@ class BatchTopKSAE(KSparseAutoencoder):
             self.threshold.lerp_(smallest, 1 - self.threshold_momentum)
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
-        # SAELens and SAEBench read a BatchTopK SAE at inference as a JumpReLU with one shared threshold.
+        # SAELens and SAEBench read a BatchTopK SAE at inference as a JumpReLU with one shared threshold; so
+        # does c2r.load_sae, which returns it as a JumpReLUSAE.
         threshold = self.threshold.detach().expand(self.dict_size).clone()
         return "jumprelu", {**self.encoder_decoder_tensors(), "threshold": threshold}, {}
