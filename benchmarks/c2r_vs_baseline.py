@@ -4,7 +4,7 @@ Every SAE is a TopK SAE with the same k (so L0 is matched exactly), width and tr
 ``synthetic_hierarchy`` data (parents with mutually exclusive children, features in superposition) with the real
 training step (``c2r.step``: MSE + AuxK + the C²R regularizer with its default schedule), then
 exported and evaluated through ``c2r.load_sae`` with ``c2r.evaluation`` on held-out shards. C²R's weight is swept
-over decades (its scale depends on batch size and width, DESIGN.md §1); each setting runs with several seeds (the
+over decades (its scale depends on batch size and width, docs/design.md §1); each setting runs with several seeds (the
 SAE's initialisation and batch order; the data are fixed). A control trains the baseline on the same features with
 children independent of their parents (``hierarchy=False``): the absorption an SAE shows without a hierarchy.
 

@@ -1,5 +1,5 @@
-"""Lightning callbacks for what a dashboard or a log shows beyond the losses: throughput, latent histograms and
-plain progress lines."""
+"""Lightning callbacks for what a dashboard or a log shows beyond the losses: throughput, latent histograms, the
+progress bar and plain progress lines."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 import wandb
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
 from c2r.evaluation.core import decoder_max_cosines
@@ -72,6 +73,24 @@ class TokensPerSecond(L.Callback):
         if now > started and tokens > tokens_before:
             pl_module.log("details/tokens_per_second", (tokens - tokens_before) / (now - started))
         self._since = (now, tokens)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar counting optimiser steps up to ``max_steps``. c2r trains one endless epoch that
+    stops at ``max_steps``, so the epoch number Lightning's bars show ("Epoch 0", "Epoch 0/-2") says nothing."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.n = bar.initial = trainer.global_step  # a resumed run counts on from where it stopped
+        bar.set_description("steps")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning's bar shows batch_idx + 1 (batches of this launch); show the global step instead.
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
 
 
 class ProgressLog(L.Callback):

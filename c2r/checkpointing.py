@@ -58,7 +58,7 @@ class FinalAndPeriodicCheckpoint(ModelCheckpoint):
         super().__init__(enable_version_counter=False, **kwargs)  # never last-v1.ckpt beside last.ckpt
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # a full checkpoint, as the periodic ones
 
     @property
     def last_path(self) -> Path:

@@ -19,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from c2r.evaluation import EVALS, RESULTS_FILE, run_evaluation
-from c2r.export import load_sae
+# c2r.evaluation and c2r.export (torch, the LM stack, matplotlib) are imported where they are used, so that
+# --help comes at once.
 from c2r.run_folder import failures_recorded, load_run_config
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ def default_settings() -> dict[str, Any]:
 
 def settings_of(cfg: DictConfig) -> dict[str, Any]:
     """The evaluation settings in an ``evaluate`` config, as plain values."""
+    from c2r.evaluation import EVALS
+
     keys = [key for key in (*RUN_SETTINGS, *EVALS) if key in cfg]
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
 
@@ -45,6 +47,9 @@ def evaluate_sae_on(
     sae_dir: str | Path, data_cfg: DictConfig, out_dir: str | Path | None, settings: dict[str, Any]
 ) -> dict:
     """Evaluate the exported SAE in ``sae_dir`` on the shards of ``data_cfg.source`` (created if missing)."""
+    from c2r.evaluation import EVALS, RESULTS_FILE, run_evaluation
+    from c2r.export import load_sae
+
     sae = load_sae(sae_dir)
     source = instantiate(data_cfg.source)
     shard_dir = source.ensure()
@@ -66,6 +71,8 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None, **overrides
     ``conf/evaluate.yaml`` (e.g. ``tokens=200_000``, ``evals=["core"]``, ``device="cuda"``,
     ``ground_truth={"min_events": 50}``; an eval's section is merged key by key). Returns what ``eval.json`` holds.
     """
+    from c2r.evaluation import EVALS
+
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else load_run_config(run_dir)
     settings = default_settings()

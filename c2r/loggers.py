@@ -34,7 +34,7 @@ def wandb_logger(
     a sweep is one W&B group (relaunched jobs land in the same group and, by :func:`run_id`, the same run)."""
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     offline = "WANDB_MODE" not in os.environ and not wandb_credentials_available()
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         save_dir=save_dir,
         name=name or None,
@@ -44,6 +44,9 @@ def wandb_logger(
         resume="allow",
         **kwargs,
     )
+    # Lightning 2.6 always passes wandb's retired `anonymous` setting, which makes wandb warn on every run.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def sweep_group() -> str | None:

@@ -12,8 +12,7 @@ report writes into the sweep folder (or ``--out``):
 - ``report_coef.png``: regularizer coefficient vs each absorption / splitting metric, mean ± sd over seeds,
   one line per remaining setting (architecture, dictionary size, k, ...).
 
-Re-running the report on a sweep in progress is safe: it only reads, and lists unfinished jobs as such.
-"""
+Re-running the report on a sweep in progress is safe: it only reads, and lists unfinished jobs as such."""
 
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from c2r.evaluation import RESULTS_FILE, scalar_metrics
-from c2r.evaluation.plots import plt, save_figure
+# The evaluation code (torch) and matplotlib are imported where they are used, so that --help comes at once.
 from c2r.run_folder import RUN_CONFIG, failure_of, is_training_config, load_run_config, load_run_hydra
 
 COEF_METRICS = re.compile(r"^(?!.*_parents).*(absorption|splitting)")
@@ -66,6 +64,8 @@ class Job:
 def read_job(path: Path, sweep_dir: Path, config: DictConfig) -> Job:
     """A job from its saved config and Hydra settings plus its ``metrics.json`` and ``eval.json`` where they
     exist."""
+    from c2r.evaluation import RESULTS_FILE, scalar_metrics
+
     hydra = load_run_hydra(path)
     choices, overrides = hydra.runtime.choices, hydra.overrides.task
     # Keys Hydra leaves out of job folder names (hardware, logger, ...) do not describe the experiment either.
@@ -178,6 +178,8 @@ def _first(metrics: dict[str, float], *names: str) -> float | None:
 def plot_pareto(jobs: Sequence[Job], path: Path) -> Path | None:
     """L0 vs FVU, one panel per dictionary size, one colour per regularizer setting with its Pareto front;
     held-out evaluation values where the job has them, else its final validation."""
+    from c2r.evaluation.plots import plt, save_figure
+
     panels: dict[Any, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for job in jobs:
         l0 = _first(job.metrics, "core.l0", "train.l0")
@@ -225,6 +227,8 @@ def coefficient_series(jobs: Sequence[Job], metric: str) -> dict[str, list[tuple
 
 def plot_coefficients(jobs: Sequence[Job], path: Path, metrics: Sequence[str] | None = None) -> Path | None:
     """Coefficient vs every absorption / splitting metric (or ``metrics``), mean ± sd over seeds."""
+    from c2r.evaluation.plots import plt, save_figure
+
     available = [c for c in columns_of(jobs) if any(c in job.metrics for job in jobs)]
     chosen = list(metrics) if metrics else [c for c in available if COEF_METRICS.search(c)]
     series = {metric: coefficient_series(jobs, metric) for metric in chosen}

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -64,12 +63,20 @@ class RunConfigChanged(RunFolderRefused):
     """The relaunch's settings differ from the ones the run was started with."""
 
 
+def _rank_zero() -> bool:
+    """Whether this is the job's first process. Lightning is imported here, not at the top: the report and the
+    CLIs' --help read run folders without it."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
 @contextmanager
 def claimed(run_dir: Path, cfg: DictConfig) -> Iterator[None]:
     """Hold ``run_dir`` for this launch: take the lock, check (or, at the first launch, save) the run's config
     and clear an earlier failure mark. Only rank 0 does this: DDP ranks started as processes of their own
     (Slurm tasks, Lightning's ddp launcher) share rank 0's folder and claim."""
-    if rank_zero_only.rank != 0:
+    if not _rank_zero():
         yield
         return
     with locked(run_dir):
@@ -193,7 +200,7 @@ def is_training_config(cfg: DictConfig) -> bool:
 
 def mark_failed(run_dir: Path, error: BaseException) -> None:
     """Leave ``FAILED`` with the error and its traceback in ``run_dir`` (rank 0 only)."""
-    if rank_zero_only.rank != 0 or not run_dir.is_dir():
+    if not _rank_zero() or not run_dir.is_dir():
         return
     lines = traceback.format_exception(type(error), error, error.__traceback__)
     (run_dir / FAILED).write_text(f"{type(error).__name__}: {error}\n\n{''.join(lines)}")

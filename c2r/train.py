@@ -4,6 +4,8 @@ Order of work: cheap config checks first (so bad input fails before any compute)
 (lock, settings unchanged), then the shards (created if missing), training, a final validation, and the run
 folder's exported SAE and ``metrics.json``. Relaunching a job in the same run folder is idempotent: a finished
 job is skipped, an interrupted one resumes (see :mod:`c2r.run_folder` for what a relaunch may change).
+
+torch and Lightning are imported inside :func:`train`, so ``--help`` and Hydra's config errors come at once.
 """
 
 from __future__ import annotations
@@ -13,25 +15,17 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from c2r.callbacks import LatentHistograms, ProgressLog, TokensPerSecond
-from c2r.checkpointing import FinalAndPeriodicCheckpoint, training_plugins
-from c2r.config_checks import check_train_config
-from c2r.data import ActivationDataModule
-from c2r.evaluate import evaluate_run
-from c2r.export import export_sae
-from c2r.jsonfile import write_json
-from c2r.loggers import finish_logging, log_evaluation
-from c2r.module import SAEModule
-from c2r.nonfinite import NonFiniteLossGuard, check_finite_metrics
-from c2r.regularizers import Regularizer
 from c2r.run_folder import METRICS, claimed, failures_recorded
+
+if TYPE_CHECKING:
+    from c2r.regularizers import Regularizer
 
 DECODER_BIAS_SAMPLE_ROWS = 8192
 log = logging.getLogger(__name__)
@@ -68,6 +62,8 @@ def resolve_d_in(configured: int | None, from_shards: int, shard_dir: Path) -> i
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job as configured; returns the final validation metrics."""
+    from c2r.config_checks import check_train_config
+
     started = time.time()
     check_train_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -81,6 +77,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, float]:
     """Data, SAE, training (or its resumption), final validation, export, evaluation, then ``metrics.json``."""
+    import lightning as L
+
+    from c2r.callbacks import LatentHistograms, ProgressLog, StepProgressBar, TokensPerSecond
+    from c2r.checkpointing import FinalAndPeriodicCheckpoint, training_plugins
+    from c2r.console import hide_lightning_noise
+    from c2r.data import ActivationDataModule
+    from c2r.evaluate import evaluate_run
+    from c2r.export import export_sae
+    from c2r.jsonfile import write_json
+    from c2r.loggers import finish_logging, log_evaluation
+    from c2r.module import SAEModule
+    from c2r.nonfinite import NonFiniteLossGuard, check_finite_metrics
+
+    hide_lightning_noise()
     max_steps = cfg.train_tokens // cfg.batch_size
     L.seed_everything(cfg.seed, workers=True)
     regularizers = build_regularizers(cfg)
@@ -108,8 +118,7 @@ def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, 
     # A progress bar only where a terminal shows it; elsewhere (nohup, Slurm) plain lines in the log.
     progress_bar = bool(cfg.trainer.enable_progress_bar) and sys.stderr.isatty()
     callbacks = [checkpoint, NonFiniteLossGuard(cfg.trainer.log_every_n_steps), TokensPerSecond(), LatentHistograms()]
-    if not progress_bar:
-        callbacks.append(ProgressLog(cfg.progress_every, max_steps))
+    callbacks.append(StepProgressBar() if progress_bar else ProgressLog(cfg.progress_every, max_steps))
     trainer = L.Trainer(
         **cfg.hardware,
         **{**cfg.trainer, "enable_progress_bar": progress_bar},

@@ -1,4 +1,4 @@
-"""C²R loss: value and gradients against a naive loop-over-latents reference written from DESIGN.md §1."""
+"""C²R loss: value and gradients against a naive loop-over-latents reference written from docs/design.md §1."""
 
 from __future__ import annotations
 

@@ -219,6 +219,8 @@ def test_rows_selection_and_notes(unit_magnitudes):
     rows = select_rows(shard_dir, tokens=1_000_000)
     assert rows.split == "val" and rows.rows == 2048
     assert "only 2,048 rows" in rows.notes[0]
+    rows = select_rows(shard_dir)  # no number asked for: all rows of the split, nothing to note
+    assert rows.split == "val" and rows.rows == 2048 and rows.requested is None and not rows.notes
 
 
 def test_unknown_evals_fail_clearly(unit_magnitudes):

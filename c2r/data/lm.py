@@ -1,6 +1,6 @@
 """Language models for harvesting, wrapped as TransformerLens ``TransformerBridge``s, and reading one hook.
 
-Only bridge APIs present in TransformerLens 3.9 and 4.x are used (DESIGN.md §2): ``boot_transformers``,
+Only bridge APIs present in TransformerLens 3.9 and 4.x are used (docs/design.md §2): ``boot_transformers``,
 ``build_bridge_from_module``, ``hook_dict`` and ``run_with_cache(names_filter=, stop_at_layer=)``.
 
 Model names:

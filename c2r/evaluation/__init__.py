@@ -127,7 +127,7 @@ def run_evaluation(
     out_dir: str | Path | None,
     *,
     evals: Sequence[str] = ("core", "ground_truth"),
-    tokens: int = 1_000_000,
+    tokens: int | None = None,
     split: str = "val",
     batch_size: int = 8192,
     device: str | torch.device = "cpu",
@@ -136,7 +136,7 @@ def run_evaluation(
     sae_path: str | Path | None = None,
     source: Any = None,
 ) -> dict:
-    """Evaluate ``sae`` on the first ``tokens`` rows of ``split`` of ``shard_dir``; with ``out_dir``, write
+    """Evaluate ``sae`` on the first ``tokens`` rows (``None``: all) of ``split`` of ``shard_dir``; with ``out_dir``, write
     ``eval.json``, ``eval.md`` and (``plots``) ``eval_*.png`` there. ``source``: the shard source of
     ``shard_dir`` (needed by the language-model evals). Returns what ``eval.json`` holds."""
     started = time.time()

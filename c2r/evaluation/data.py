@@ -34,7 +34,7 @@ class EvalRows:
     split: str
     shards: list[tuple[ShardEntry, int]]  # (shard, rows read from it)
     rows: int
-    requested: int
+    requested: int | None  # rows asked for; None = all of the split
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -50,16 +50,17 @@ class EvalRows:
                 yield RowBatch(x=torch.from_numpy(rows).to(device), shard=entry.file, start=start)
 
 
-def select_rows(shard_dir: str | Path, *, tokens: int, split: str = "val") -> EvalRows:
-    """The first ``tokens`` rows of ``split`` (``val`` = held-out shards, ``train``, or ``all``).
+def select_rows(shard_dir: str | Path, *, tokens: int | None = None, split: str = "val") -> EvalRows:
+    """The first ``tokens`` rows of ``split`` (``val`` = held-out shards, ``train``, or ``all``); ``None`` = all of
+    them.
 
-    When the split has fewer rows, all of them are used and a note says so; ``val`` falls back to the training
-    shards (with a note) when the directory holds no validation shard.
+    When the split has fewer rows than ``tokens`` asks for, all of them are used and a note says so; ``val`` falls
+    back to the training shards (with a note) when the directory holds no validation shard.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    if tokens is not None and tokens < 1:
+        raise ValueError(f"tokens must be >= 1 or null (all rows), got {tokens}")
     manifest = Manifest.load(shard_dir)
     notes = []
     entries = {"val": manifest.val_shards, "train": manifest.train_shards, "all": manifest.shards}[split]
@@ -67,11 +68,11 @@ def select_rows(shard_dir: str | Path, *, tokens: int, split: str = "val") -> Ev
         notes.append(f"{shard_dir} has no validation shards: evaluated on training rows")
         split, entries = "train", manifest.train_shards
     available = sum(e.rows for e in entries)
-    if available < tokens:
+    if tokens is not None and available < tokens:
         notes.append(
             f"asked for {tokens:,} tokens but the {split} split has only {available:,} rows: evaluated on all of them"
         )
-    chosen, left = [], tokens
+    chosen, left = [], available if tokens is None else tokens
     for entry in entries:
         if left <= 0:
             break

@@ -47,11 +47,12 @@ def _fmt(value) -> str:
 
 def render(result: dict) -> str:
     data = result["data"]
+    requested = f" ({data['tokens_requested']:,} requested)" if data.get("tokens_requested") is not None else ""
     lines = [
         f"# Evaluation of `{result['sae']['path']}`",
         "",
-        f"{data['rows']:,} rows of the `{data['split']}` split of `{data['shard_dir']}` "
-        f"({data['tokens_requested']:,} requested); evals: {', '.join(result['evals'])}.",
+        f"{data['rows']:,} rows of the `{data['split']}` split of `{data['shard_dir']}`{requested}; "
+        f"evals: {', '.join(result['evals'])}.",
         "",
     ]
     if "core" in result:
