@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from c2r import geometry
 from c2r.geometry import best_candidates, nearest_neighbors_exact, top_candidates
 from c2r.regularizers import C2R, c2r_loss
 from c2r.regularizers.c2r import pair_loss
@@ -50,12 +51,13 @@ def test_more_candidates_than_other_latents_keeps_all_others_and_one_latent_has_
     assert best_candidates(rows[:1], alone).tolist() == [0]  # the "no neighbour" sentinel
 
 
-def test_candidate_argmax_equals_the_exact_argmax_when_the_true_neighbour_is_in_the_list():
+def test_candidate_argmax_equals_the_exact_argmax_when_the_true_neighbour_is_in_the_list(monkeypatch):
+    monkeypatch.setattr(geometry, "CANDIDATE_TILE", 17)  # several gather tiles, the last one partial
     rows = random_rows(300, 8, seed=2)
     lists = top_candidates(rows, 4)
     moved = rows + 0.5 * random_rows(300, 8, seed=3)  # training moved the decoder since the lists were made
     exact = nearest_neighbors_exact(moved)
-    chosen = best_candidates(moved, lists, tile_size=17)
+    chosen = best_candidates(moved, lists)
     held = (lists == exact[:, None]).any(dim=1)
     assert 0.2 < held.float().mean() < 0.95  # both cases occur, so the test has teeth
     assert torch.equal(chosen[held], exact[held])

@@ -264,10 +264,10 @@ class C2R(Regularizer):
         if self.neighbor_search == "candidates":
             if self.candidate_lists.shape[0] != decoder_rows.shape[0] or step - self.refreshed_at >= self.refresh_every:
                 self.refresh(decoder_rows, step)
-            chosen = best_candidates(decoder_rows, self.candidate_lists, tile_size=self.tile_size)
+            chosen = best_candidates(decoder_rows, self.candidate_lists)
             if self.probe_latents and self.refreshed_at != step and self._probe_says_stale(decoder_rows, chosen, step):
                 self.refresh(decoder_rows, step)
-                chosen = best_candidates(decoder_rows, self.candidate_lists, tile_size=self.tile_size)
+                chosen = best_candidates(decoder_rows, self.candidate_lists)
             return _same_on_all_ranks(chosen)
         generator = step_generator(self.seed, step) if self.neighbor_search == "chunked" else None
         return _same_on_all_ranks(
@@ -285,7 +285,7 @@ class C2R(Regularizer):
         )
         old = self.candidate_lists
         if old.shape[0] == fresh.shape[0] and old.shape[1] > 0:
-            exact = best_candidates(decoder_rows, fresh, tile_size=self.tile_size)
+            exact = best_candidates(decoder_rows, fresh)
             self.refresh_metrics["candidate_recall"] = (old == exact[:, None]).any(dim=1).float().mean()
         self.candidate_lists = fresh
         self.refreshed_at = step
