@@ -197,7 +197,7 @@ class C2R(Regularizer):
     logs ``exact_agreement`` (share of latents whose chosen neighbour is the exact one) and ``exact_loss_ratio``
     (loss on the chosen pairs / loss on the exact pairs): how exact the chosen search is, at O(F²·d) per audit.
 
-    The candidate lists and the refresh schedule are checkpointed, so a resumed run continues with the same
+    The candidate lists and their refresh state are checkpointed, so a resumed run continues with the same
     lists. Under DDP, ``n_i`` is the norm over the global batch and the neighbours are broadcast from rank 0, so
     the loss is the same on every rank and equals a single process on the concatenated batch.
     """
@@ -241,6 +241,7 @@ class C2R(Regularizer):
         self.alpha = float(alpha)
         self.neighbor_search = neighbor_search
         self.candidates = int(candidates)
+        self.refresh_every = int(refresh_every)
         self.probe_latents = int(probe_latents)
         self.target_agreement = float(target_agreement)
         self.refresh_precision = refresh_precision
@@ -248,9 +249,9 @@ class C2R(Regularizer):
         self.tile_size = int(tile_size)
         self.audit_every = int(audit_every)
         self.seed = int(seed)
-        # "candidates" state, checkpointed: the lists (sized at the first refresh, when F is known) and the schedule.
+        # "candidates" state, checkpointed: the lists (sized at the first refresh, when F is known), when they were
+        # made, how many refreshes and calls so far (the extra state).
         self.register_buffer("candidate_lists", torch.empty(0, 0, dtype=torch.long))
-        self.refresh_every = int(refresh_every)
         self.refreshed_at = -1
         self.refreshes = 0
         self.calls = 0
