@@ -14,10 +14,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from c2r.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointDamaged(RuntimeError):
+class CheckpointDamaged(UserError, RuntimeError):
     """The checkpoint to resume from cannot be read and there is none to fall back to."""
 
 

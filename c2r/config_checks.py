@@ -15,12 +15,13 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig
 
+from c2r.errors import UserError
 from c2r.module import SAEModule
 
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting that cannot work; the message names the key and how to fix it."""
 
 

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from c2r.errors import UserError
 from c2r.jsonfile import write_json
 from c2r.sae import GatedSAE, JumpReLUSAE, ReLUSAE, SparseAutoencoder, TopKSAE
 
@@ -89,10 +90,14 @@ def sae_from_export(cfg: dict, tensors: dict[str, Tensor]) -> SparseAutoencoder:
     return sae.eval().requires_grad_(False)
 
 
+class ExportError(UserError, ValueError):
+    """An exported SAE folder that cannot be loaded; the message names the file and the fix."""
+
+
 def load_sae(path: str | Path) -> SparseAutoencoder:
     """Load an exported SAE (a folder with ``cfg.json`` and ``sae_weights.safetensors``) for raw activations:
     ``encode(x) -> f``, ``decode(f) -> x̂``, ``forward(x) -> x̂``, ``W_dec [F, d]``. A damaged or incomplete folder
-    raises ``ValueError`` naming the file, before any work is done with it."""
+    raises :class:`ExportError` naming the file, before any work is done with it."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(
@@ -103,18 +108,18 @@ def load_sae(path: str | Path) -> SparseAutoencoder:
     try:
         cfg = json.loads((path / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON ({error}): {fix}") from None
+        raise ExportError(f"{path / CONFIG_FILE} is not valid JSON ({error}): {fix}") from None
     missing = [key for key in required_cfg_keys(cfg) if key not in cfg]
     if missing:
-        raise ValueError(f"{path / CONFIG_FILE} lacks the key(s) {', '.join(missing)}: {fix}")
+        raise ExportError(f"{path / CONFIG_FILE} lacks the key(s) {', '.join(missing)}: {fix}")
     try:
         tensors = load_file(path / WEIGHTS_FILE)
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path / WEIGHTS_FILE} cannot be read ({error}): {fix}") from None
+        raise ExportError(f"{path / WEIGHTS_FILE} cannot be read ({error}): {fix}") from None
     try:
         return sae_from_export(cfg, tensors)
     except (KeyError, RuntimeError) as error:  # a tensor missing, or of the wrong shape for cfg.json's sizes
-        raise ValueError(
+        raise ExportError(
             f"{path / WEIGHTS_FILE} does not hold the tensors of a {cfg['architecture']!r} SAE of cfg.json's sizes "
             f"({type(error).__name__}: {error}): {fix}"
         ) from None

@@ -15,8 +15,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from c2r.errors import UserError
 
-class NonFiniteError(FloatingPointError):
+
+class NonFiniteError(UserError, FloatingPointError):
     """A loss, weight or final metric is NaN or infinite; the message says where and what to do."""
 
 

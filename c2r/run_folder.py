@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from c2r.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ relaunch may change them freely. Everything else (model, data, regularizers, opt
 hardware.precision, validation settings) is content: it must match the run's ``run_config.yaml``."""
 
 
-class RunFolderRefused(RuntimeError):
+class RunFolderRefused(UserError, RuntimeError):
     """The run folder cannot be trained into by this launch; the folder itself is fine (not marked failed)."""
 
 
@@ -214,13 +217,19 @@ def failure_of(run_dir: Path) -> str | None:
 
 @contextmanager
 def failures_recorded(job_dir: Path) -> Iterator[None]:
-    """For an entrypoint: an exception goes into the job's log file (Hydra's ``<job>.log``, with its traceback;
-    otherwise only stderr would have it) and into ``FAILED``, unless the folder was refused (it belongs to
-    another run or process), then propagates."""
+    """For an entrypoint: an exception goes into ``FAILED`` with its traceback, unless the folder was refused (it
+    belongs to another run or process), and into the job's log file (Hydra's ``<job>.log``; otherwise only stderr
+    would have it). A :class:`~c2r.errors.UserError` in a single run ends it as one line with exit status 1; any
+    other error, and every error in a sweep, propagates (with its traceback in the log)."""
     try:
         yield
     except Exception as error:
-        log.exception(f"{type(error).__name__}: {error}")
         if not isinstance(error, RunFolderRefused):
             mark_failed(job_dir, error)
+        if isinstance(error, UserError) and HydraConfig.get().mode == RunMode.RUN:
+            # A diagnosis, not a bug: one line on the console and in the log; the traceback is in FAILED. In a
+            # sweep it propagates, so that Hydra fails this job alone and runs the others.
+            log.error(f"{type(error).__name__}: {error}")
+            raise SystemExit(1) from None
+        log.exception(f"{type(error).__name__}: {error}")
         raise

@@ -211,6 +211,25 @@ def test_report_reads_training_jobs_only_and_lists_failed_ones(tmp_path, capsys)
     assert "broken,failed" in (sweep / "report.csv").read_text()
 
 
+def test_a_bug_keeps_its_traceback_while_a_diagnosis_is_one_line(tmp_path, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from c2r.config_checks import ConfigError
+    from c2r.run_folder import failures_recorded
+
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: OmegaConf.create({"mode": RunMode.RUN})))
+    with pytest.raises(SystemExit) as stopped, failures_recorded(tmp_path):
+        raise ConfigError("batch_size must be positive: e.g. batch_size=2048")
+    assert stopped.value.code == 1
+    with pytest.raises(KeyError), failures_recorded(tmp_path):  # not a UserError: Hydra prints the traceback
+        raise KeyError("a bug")
+    assert (tmp_path / FAILED).read_text().startswith("KeyError")
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: OmegaConf.create({"mode": RunMode.MULTIRUN})))
+    with pytest.raises(ConfigError), failures_recorded(tmp_path):  # in a sweep: fails this job alone
+        raise ConfigError("batch_size must be positive")
+
+
 def test_cluster_log_gets_progress_lines_and_the_error(tmp_path):
     run_dir = tmp_path / "run"
     # lr=1e30 blows the weights up at once: the loss turns non-finite within the first checks
@@ -219,6 +238,9 @@ def test_cluster_log_gets_progress_lines_and_the_error(tmp_path):
     assert result.returncode != 0
     log = (run_dir / "train.log").read_text()
     assert "step 1/20 (5%) | tokens 128 | loss" in log and "tok/s | ETA" in log  # no terminal: plain lines
-    assert "NonFiniteError: non-finite loss at step" in log and "Traceback" in log
-    assert (run_dir / FAILED).read_text().startswith("NonFiniteError: non-finite loss at step")
+    assert "NonFiniteError: non-finite loss at step" in log and "Traceback" not in log  # one line: a diagnosis
+    failed = (run_dir / FAILED).read_text()
+    assert failed.startswith("NonFiniteError: non-finite loss at step") and "Traceback" in failed
+    console = result.stdout + result.stderr
+    assert console.count("NonFiniteError: non-finite loss at step") == 1 and "Traceback" not in console
     assert not (run_dir / "metrics.json").exists()

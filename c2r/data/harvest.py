@@ -42,6 +42,7 @@ import torch
 from c2r.data.lm import LanguageModel, check_hook, hook_activations, load_model, model_identity
 from c2r.data.shards import MANIFEST_NAME, Manifest, ShardWriter, atomic_write, check_shard_split
 from c2r.data.text import TextSource, pack_contexts, shuffle_buffer, token_id, tokenize_documents
+from c2r.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ PROGRESS_NAME = "harvest_progress.json"
 LOCK_NAME = ".harvest.lock"
 
 
-class HarvestError(ValueError):
+class HarvestError(UserError, ValueError):
     """Bad harvest settings or a harvest that cannot go on, with what is wrong and how to fix it."""
 
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from c2r.errors import UserError
+
 SMOLLM2 = "smollm2-135m"
 TINY_RANDOM = "tiny-random-llama"
 BUILTIN_MODELS = (SMOLLM2, TINY_RANDOM)
@@ -48,7 +50,7 @@ _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model or hook that cannot be used, with what is wrong and how to fix it."""
 
 

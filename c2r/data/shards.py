@@ -28,6 +28,7 @@ from typing import IO, Any
 import numpy as np
 
 from c2r import __version__
+from c2r.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -346,7 +347,7 @@ def _shard_stats(acts: np.ndarray, chunk_rows: int = 4096) -> tuple[float, float
 # --------------------------------------------------------------------------------------------------
 
 
-class ShardIntegrityError(ValueError):
+class ShardIntegrityError(UserError, ValueError):
     """A shard whose bytes or values differ from what its manifest records, with the file and the fix."""
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from c2r.errors import UserError
+
 PYTHON_DOCS = "python-docs"
 # Bump when the python-docs builder changes its output for the same Python installation.
 PYTHON_DOCS_VERSION = 1
@@ -40,7 +42,7 @@ LOCAL_BUILDERS = {"text": "text", "txt": "text", "json": "json", "jsonl": "json"
 _SKIP_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
 
 
-class TextError(ValueError):
+class TextError(UserError, ValueError):
     """Bad text settings or unusable text, with what is wrong and how to fix it."""
 
 
