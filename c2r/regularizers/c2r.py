@@ -264,11 +264,10 @@ class C2R(Regularizer):
         """``j(i)`` for every latent at ``step`` (no gradient), identical on every DDP rank."""
         if self.neighbor_search == "candidates":
             if self.candidate_lists.shape[0] != decoder_rows.shape[0] or step - self.refreshed_at >= self.refresh_every:
-                self.refresh(decoder_rows, step)
+                return _same_on_all_ranks(self.refresh(decoder_rows, step))
             chosen = best_candidates(decoder_rows, self.candidate_lists)
-            if self.probe_latents and self.refreshed_at != step and self._probe_says_stale(decoder_rows, chosen, step):
-                self.refresh(decoder_rows, step)
-                chosen = best_candidates(decoder_rows, self.candidate_lists)
+            if self.probe_latents and self._probe_says_stale(decoder_rows, chosen, step):
+                chosen = self.refresh(decoder_rows, step)
             return _same_on_all_ranks(chosen)
         generator = step_generator(self.seed, step) if self.neighbor_search == "chunked" else None
         return _same_on_all_ranks(
@@ -278,20 +277,21 @@ class C2R(Regularizer):
         )
 
     @torch.no_grad()
-    def refresh(self, decoder_rows: Tensor, step: int) -> None:
-        """Recompute the candidate lists (the only O(F²·d) work of this mode) and log how many of the fresh
-        exact neighbours the old lists held."""
+    def refresh(self, decoder_rows: Tensor, step: int) -> Tensor:
+        """Recompute the candidate lists (the only O(F²·d) work of this mode), log how many of the fresh exact
+        neighbours the old lists held, and return those exact neighbours (the best of the fresh lists)."""
         fresh = _same_on_all_ranks(
             top_candidates(decoder_rows, self.candidates, tile_size=self.tile_size, first_pass_dtype=self._first_pass_dtype(decoder_rows))
         )
+        exact = best_candidates(decoder_rows, fresh)
         old = self.candidate_lists
         if old.shape[0] == fresh.shape[0] and old.shape[1] > 0:
-            exact = best_candidates(decoder_rows, fresh)
             self.refresh_metrics["candidate_recall"] = (old == exact[:, None]).any(dim=1).float().mean()
         self.candidate_lists = fresh
         self.refreshed_at = step
         self.refreshes += 1
         self.refresh_metrics["refreshes"] = torch.tensor(float(self.refreshes))
+        return exact
 
     @torch.no_grad()
     def _probe_says_stale(self, decoder_rows: Tensor, chosen: Tensor, step: int) -> bool:
