@@ -12,6 +12,7 @@ or alone in its chunk) gets itself as the sentinel ``j(i) = i``, which the losse
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -109,20 +110,31 @@ def nearest_neighbors_chunked(
     return neighbors
 
 
-CANDIDATE_TILE = 512
-"""Latents whose candidate rows are gathered at once: the gather is memory-bound, and small tiles keep its buffer
-(tile·m·d floats) in cache; ~2× faster than gathering 4096 latents at a time on CPU."""
+CANDIDATE_ROWS = 16384
+"""Latents whose listed cosines are computed at once, so the sparsity pattern and its values take
+O(CANDIDATE_ROWS·m) memory."""
 
 
 def _candidate_cosines(unit: Tensor, candidates: Tensor) -> Tensor:
-    """``cos(W_i, W_c)`` for each latent i and each of its candidates c (``[F, m]``), a few latents at a time so
-    the gathered rows take O(CANDIDATE_TILE·m·d) memory, never O(F·m·d)."""
+    """``cos(W_i, W_c)`` for each latent i and each of its candidates c (``[F, m]``; each list sorted, with
+    fewer than F entries; repeats allowed).
+
+    Computed as a sampled dense-dense product (SDDMM): only the F·m listed entries of ``unit @ unit.T``, without
+    gathering the F·m candidate rows into a buffer first (~3.4x faster on CPU at F=65536, m=16, d=576).
+    """
     count, listed = candidates.shape
     cosines = torch.empty(candidates.shape, dtype=unit.dtype, device=unit.device)
-    for start in range(0, count, CANDIDATE_TILE):
-        tile = slice(start, start + CANDIDATE_TILE)
-        rows = unit.index_select(0, candidates[tile].reshape(-1)).view(-1, listed, unit.shape[1])
-        cosines[tile] = torch.bmm(rows, unit[tile].unsqueeze(2)).squeeze(2)
+    for start in range(0, count, CANDIDATE_ROWS):
+        tile = candidates[start : start + CANDIDATE_ROWS]
+        rows = tile.shape[0]
+        row_starts = torch.arange(0, rows * listed + 1, listed, device=unit.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": nothing a user can act on
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(
+                row_starts, tile.reshape(-1), unit.new_zeros(rows * listed), size=(rows, count), check_invariants=False
+            )
+            product = torch.sparse.sampled_addmm(pattern, unit[start : start + rows], unit.T, beta=0.0)
+        cosines[start : start + rows] = product.values().view(rows, listed)
     return cosines
 
 
@@ -155,6 +167,7 @@ def top_candidates(
         for start, cosines in _tiled_cosines(unit, tile_size, first_pass_dtype):
             kept[start : start + cosines.shape[0]] = cosines.topk(pool, dim=1, sorted=False).indices
         if pool > count:  # re-rank the low-precision pool by full-precision cosines
+            kept = kept.sort(dim=1).values
             best = _candidate_cosines(unit, kept).topk(count, dim=1, sorted=False).indices
             kept = kept.gather(1, best)
     return kept.sort(dim=1).values
@@ -172,3 +185,27 @@ def best_candidates(decoder_rows: Tensor, candidates: Tensor) -> Tensor:
     with full_precision(decoder_rows):
         cosines = _candidate_cosines(unit_rows(decoder_rows), candidates)
     return candidates.gather(1, cosines.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+@torch.no_grad()
+def repaired_candidates(decoder_rows: Tensor, candidates: Tensor) -> Tensor:
+    """New lists from the old ones and their neighbours' lists (one step of NN-descent): each latent keeps the
+    ``m`` most similar other latents, by current cosines, of the pool ``list(i) ∪ list(c) for c in list(i)``.
+
+    O(F·m²·d) instead of a refresh's O(F²·d): training moves a latent's nearest neighbour mostly to a latent
+    that was near its old neighbours, which the pool holds. The old list is part of the pool, so the new list has
+    ``m`` distinct other latents and is never less similar than the old one.
+    """
+    count, listed = candidates.shape
+    if listed == 0:
+        return candidates
+    if listed * (listed + 1) >= count:  # the pool would cover (nearly) every latent: search them all
+        return top_candidates(decoder_rows, listed)
+    pool = torch.cat([candidates, candidates[candidates].reshape(count, -1)], dim=1).sort(dim=1).values
+    with full_precision(decoder_rows):
+        cosines = _candidate_cosines(unit_rows(decoder_rows), pool)
+    repeated = torch.zeros_like(pool, dtype=torch.bool)
+    repeated[:, 1:] = pool[:, 1:] == pool[:, :-1]
+    cosines[repeated | (pool == torch.arange(count, device=pool.device)[:, None])] = float("-inf")
+    best = cosines.topk(listed, dim=1, sorted=False).indices
+    return pool.gather(1, best).sort(dim=1).values

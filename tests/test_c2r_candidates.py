@@ -1,6 +1,7 @@
 """C²R's candidate-list search (the default), its exactness between refreshes, its state and its DDP semantics."""
 
 import csv
+import math
 import os
 import shutil
 
@@ -9,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from c2r import geometry
-from c2r.geometry import best_candidates, nearest_neighbors_exact, top_candidates
+from c2r.geometry import best_candidates, nearest_neighbors_exact, repaired_candidates, top_candidates
 from c2r.regularizers import C2R, c2r_loss
 from c2r.regularizers.c2r import pair_loss
 from c2r.sae import TopKSAE
@@ -52,7 +53,7 @@ def test_more_candidates_than_other_latents_keeps_all_others_and_one_latent_has_
 
 
 def test_candidate_argmax_equals_the_exact_argmax_when_the_true_neighbour_is_in_the_list(monkeypatch):
-    monkeypatch.setattr(geometry, "CANDIDATE_TILE", 17)  # several gather tiles, the last one partial
+    monkeypatch.setattr(geometry, "CANDIDATE_ROWS", 17)  # several tiles of latents, the last one partial
     rows = random_rows(300, 8, seed=2)
     lists = top_candidates(rows, 4)
     moved = rows + 0.5 * random_rows(300, 8, seed=3)  # training moved the decoder since the lists were made
@@ -85,6 +86,26 @@ def test_a_low_precision_first_pass_re_ranked_in_fp32_gives_the_fp32_argmax():
     assert torch.equal(lists, top_candidates(rows, 4))  # the re-ranked lists are the fp32 lists
     regularizer = C2R(coef=1, interval=1, candidates=4, refresh_precision="bfloat16")
     assert torch.equal(regularizer.neighbors(rows, 0), exact)
+
+
+def test_repaired_lists_are_the_most_similar_latents_of_the_neighbours_lists():
+    rows = random_rows(120, 6, seed=20)
+    lists = top_candidates(rows, 3)
+    moved = rows + 0.3 * random_rows(120, 6, seed=21)
+    unit = torch.nn.functional.normalize(moved.double(), dim=1)
+    want = []
+    for i, listed in enumerate(lists.tolist()):
+        pool = (set(listed) | {j for c in listed for j in lists[c].tolist()}) - {i}
+        want.append(sorted(sorted(pool, key=lambda j: -(unit[i] @ unit[j]).item())[:3]))
+    got = repaired_candidates(moved, lists)
+    assert got.tolist() == want
+    assert not torch.equal(got, lists)  # the move changed some lists, so the test has teeth
+
+
+def half_circle(count, seed):
+    """Latents at random angles on a half circle: each one's nearest neighbours are the two adjacent ones."""
+    angles = torch.rand(count, generator=torch.Generator().manual_seed(seed)).sort().values * math.pi
+    return torch.stack([angles.cos(), angles.sin()], dim=1).double(), angles
 
 
 # ---------------------------------------------------------------- the regularizer between refreshes
@@ -140,9 +161,27 @@ def test_the_probe_refreshes_stale_lists_as_soon_as_it_finds_misses():
     stale = best_candidates(moved, regularizer.candidate_lists)
     assert (stale != nearest_neighbors_exact(moved)).float().mean() > 0.05
     neighbors = regularizer.neighbors(moved, 2)
-    assert regularizer.refreshes == 2 and regularizer.refreshed_at == 2  # the probe saw misses: refreshed now
+    # The probe saw misses, the repair could not remove them all: refreshed now.
+    assert regularizer.refreshes == 2 and regularizer.repairs == 1 and regularizer.refreshed_at == 2
     assert regularizer.probe_metrics["probe_agreement"].item() < 0.95
     assert torch.equal(neighbors, nearest_neighbors_exact(moved))  # ... so this step's pairs are exact
+
+
+def test_a_stale_probe_first_repairs_the_lists_and_refreshes_only_if_misses_remain():
+    rows, angles = half_circle(60, seed=0)
+    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=60)
+    regularizer.neighbors(rows, 0)
+    moved = rows.clone()
+    jump = 0.6 * angles[20] + 0.4 * angles[21]  # latent 19 jumps over latent 20: a neighbour of a neighbour
+    moved[19] = torch.stack([jump.cos(), jump.sin()])
+    exact = nearest_neighbors_exact(moved)
+    assert (best_candidates(moved, regularizer.candidate_lists) != exact).sum() == 1  # latent 21's is stale
+    assert torch.equal(regularizer.neighbors(moved, 1), exact)
+    assert (regularizer.refreshes, regularizer.repairs) == (1, 1)  # the repair was enough: no O(F²) refresh
+    assert regularizer.probe_metrics["probe_agreement"].item() == pytest.approx(59 / 60)  # before the repair
+    restored = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=60)
+    restored.load_state_dict(regularizer.state_dict())
+    assert restored.repairs == 1 and torch.equal(restored.candidate_lists, regularizer.candidate_lists)
 
 
 def test_the_probe_tolerates_misses_below_a_quarter_of_the_target():
@@ -192,12 +231,12 @@ def test_candidate_state_survives_a_checkpoint():
     restored.load_state_dict(trained.state_dict())
     assert torch.equal(restored.candidate_lists, trained.candidate_lists)
     assert (restored.refreshed_at, restored.refreshes, restored.calls) == (7, 1, 1)
-    # The next steps go on alike: the restored module re-ranks the saved lists (and the probe refreshes them) as
+    # The next steps go on alike: the restored module re-ranks the saved lists (and the probe mends them) as
     # the uninterrupted one does.
     for step, rows_now in ((8, rows + 0.01 * random_rows(10, 4, seed=11)), (9, random_rows(10, 4, seed=12))):
         assert torch.equal(restored.neighbors(rows_now, step), trained.neighbors(rows_now, step))
         assert torch.equal(restored.candidate_lists, trained.candidate_lists)
-    assert restored.refreshes == trained.refreshes == 2  # the probe refreshed both at step 9
+    assert (restored.refreshes, restored.repairs) == (trained.refreshes, trained.repairs) == (1, 1)  # mended at step 9
 
 
 # ---------------------------------------------------------------- in a real training run

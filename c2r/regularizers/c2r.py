@@ -36,6 +36,7 @@ from c2r.geometry import (
     full_precision,
     nearest_neighbors_chunked,
     nearest_neighbors_exact,
+    repaired_candidates,
     top_candidates,
 )
 from c2r.sae.base import SparseCodes
@@ -50,6 +51,10 @@ C2R_NEIGHBOR_SEARCHES = ("candidates", *NEIGHBOR_SEARCHES)
 """What :class:`C2R` accepts: also "candidates", the exact argmax over per-latent lists kept between refreshes."""
 
 REFRESH_PRECISIONS = ("auto", "float32", "bfloat16")
+
+PROBE_STREAM, REPAIR_PROBE_STREAM = 1, 2
+"""Offsets from ``seed`` of the generators that draw the probe's latents, before and after a repair: independent
+samples, so the check after a repair is not the sample that found the misses."""
 
 
 def _check_neighbor_search(neighbor_search: str, valid: tuple[str, ...] = NEIGHBOR_SEARCHES) -> None:
@@ -254,6 +259,7 @@ class C2R(Regularizer):
         self.register_buffer("candidate_lists", torch.empty(0, 0, dtype=torch.long))
         self.refreshed_at = -1
         self.refreshes = 0
+        self.repairs = 0
         self.calls = 0
         # What the last refresh found; reported on every call until the next refresh, so that it reaches the
         # logger whatever the logging interval. The probe's are the current call's.
@@ -266,8 +272,13 @@ class C2R(Regularizer):
             if self.candidate_lists.shape[0] != decoder_rows.shape[0] or step - self.refreshed_at >= self.refresh_every:
                 return _same_on_all_ranks(self.refresh(decoder_rows, step))
             chosen = best_candidates(decoder_rows, self.candidate_lists)
-            if self.probe_latents and self._probe_says_stale(decoder_rows, chosen, step):
-                chosen = self.refresh(decoder_rows, step)
+            if self.probe_latents:
+                misses = self._probe_misses(decoder_rows, chosen, step, PROBE_STREAM)
+                self.probe_metrics = {"probe_agreement": 1 - misses}
+                if self._too_many(misses):
+                    chosen = self.repair(decoder_rows)
+                    if self._too_many(self._probe_misses(decoder_rows, chosen, step, REPAIR_PROBE_STREAM)):
+                        chosen = self.refresh(decoder_rows, step)
             return _same_on_all_ranks(chosen)
         generator = step_generator(self.seed, step) if self.neighbor_search == "chunked" else None
         return _same_on_all_ranks(
@@ -294,16 +305,26 @@ class C2R(Regularizer):
         return exact
 
     @torch.no_grad()
-    def _probe_says_stale(self, decoder_rows: Tensor, chosen: Tensor, step: int) -> bool:
-        """Whether the exact neighbours of a random sample of latents (the same sample on every DDP rank) show
-        more misses of the chosen ones than the target allows; logs the sample's agreement. One device->host
-        read per C²R step."""
+    def repair(self, decoder_rows: Tensor) -> Tensor:
+        """Mend the lists from the neighbours' lists (O(F·m²·d), see :func:`repaired_candidates`) and return the
+        best of the mended lists: what a stale probe tries before a full refresh."""
+        self.candidate_lists = _same_on_all_ranks(repaired_candidates(decoder_rows, self.candidate_lists))
+        self.repairs += 1
+        self.refresh_metrics["repairs"] = torch.tensor(float(self.repairs))
+        return best_candidates(decoder_rows, self.candidate_lists)
+
+    @torch.no_grad()
+    def _probe_misses(self, decoder_rows: Tensor, chosen: Tensor, step: int, stream: int) -> Tensor:
+        """The share of a random sample of latents (drawn from ``stream`` at ``step``: the same sample on every
+        DDP rank) whose chosen neighbour is not the exact one, at O(probe_latents·F·d)."""
         count = decoder_rows.shape[0]
-        sample = torch.randperm(count, generator=step_generator(self.seed + 1, step))[: self.probe_latents]
+        sample = torch.randperm(count, generator=step_generator(self.seed + stream, step))[: self.probe_latents]
         sample = sample.to(decoder_rows.device)
         exact = nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size, latents=sample)
-        misses = _same_on_all_ranks((chosen[sample] != exact).float().mean())
-        self.probe_metrics = {"probe_agreement": 1 - misses}
+        return _same_on_all_ranks((chosen[sample] != exact).float().mean())
+
+    def _too_many(self, misses: Tensor) -> bool:
+        """More misses than a quarter of what the target allows (a device->host read)."""
         return bool(misses > (1 - self.target_agreement) / 4)
 
     def _first_pass_dtype(self, decoder_rows: Tensor) -> torch.dtype | None:
@@ -333,10 +354,11 @@ class C2R(Regularizer):
             self.metrics["steps_since_refresh"] = torch.tensor(float(step - self.refreshed_at))
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"refreshed_at": self.refreshed_at, "refreshes": self.refreshes, "calls": self.calls}
+        return {"refreshed_at": self.refreshed_at, "refreshes": self.refreshes, "repairs": self.repairs, "calls": self.calls}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.refreshed_at, self.refreshes, self.calls = state["refreshed_at"], state["refreshes"], state["calls"]
+        self.repairs = state.get("repairs", 0)  # checkpoints from before repairs existed
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The lists are sized at the first refresh: take the checkpoint's size before loading into them.
