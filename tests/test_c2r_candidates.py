@@ -151,7 +151,7 @@ def test_candidate_recall_on_a_constructed_case():
 def test_the_probe_refreshes_stale_lists_as_soon_as_it_finds_misses():
     rows = random_rows(400, 8, seed=12)
     acts = torch.relu(random_rows(16, 400, seed=13))
-    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=400)
+    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=400, probe_every=1)
     regularizer(acts, rows, 0)
     assert regularizer.refreshes == 1 and "probe_agreement" not in regularizer.metrics  # a refresh step: no probe
     regularizer(acts, rows, 1)  # nothing moved: every probed latent's chosen neighbour is exact
@@ -182,6 +182,18 @@ def test_a_stale_probe_first_repairs_the_lists_and_refreshes_only_if_misses_rema
     restored = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=60)
     restored.load_state_dict(regularizer.state_dict())
     assert restored.repairs == 1 and torch.equal(restored.candidate_lists, regularizer.candidate_lists)
+
+
+def test_the_probe_runs_on_every_probe_every_th_c2r_step_only():
+    rows = random_rows(400, 8, seed=12)
+    acts = torch.relu(random_rows(16, 400, seed=13))
+    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=400, probe_every=2)
+    regularizer(acts, rows, 0)  # call 0: the first refresh
+    moved = rows + 0.5 * random_rows(400, 8, seed=14)
+    regularizer(acts, moved, 1)  # call 1: no probe, the stale lists are used
+    assert regularizer.refreshes == 1 and "probe_agreement" not in regularizer.metrics
+    regularizer(acts, moved, 2)  # call 2: the probe finds the misses
+    assert regularizer.refreshes == 2 and regularizer.metrics["probe_agreement"].item() < 0.95
 
 
 def test_the_probe_tolerates_misses_below_a_quarter_of_the_target():
@@ -224,17 +236,17 @@ def test_audit_reports_agreement_and_loss_ratio_against_the_exact_search():
 
 
 def test_candidate_state_survives_a_checkpoint():
-    rows = random_rows(10, 4, seed=10)
-    trained = C2R(candidates=3, refresh_every=50)
-    trained(torch.ones(3, 10), rows, 7)
-    restored = C2R(candidates=3, refresh_every=50)
+    rows, acts = random_rows(10, 4, seed=10), torch.ones(3, 10)
+    trained = C2R(candidates=3, refresh_every=50, probe_every=2)
+    trained(acts, rows, 7)
+    restored = C2R(candidates=3, refresh_every=50, probe_every=2)
     restored.load_state_dict(trained.state_dict())
     assert torch.equal(restored.candidate_lists, trained.candidate_lists)
     assert (restored.refreshed_at, restored.refreshes, restored.calls) == (7, 1, 1)
-    # The next steps go on alike: the restored module re-ranks the saved lists (and the probe mends them) as
-    # the uninterrupted one does.
+    # The next steps go on alike: the restored module re-ranks the saved lists, and probes (and mends them) on the
+    # same call as the uninterrupted one.
     for step, rows_now in ((8, rows + 0.01 * random_rows(10, 4, seed=11)), (9, random_rows(10, 4, seed=12))):
-        assert torch.equal(restored.neighbors(rows_now, step), trained.neighbors(rows_now, step))
+        assert torch.equal(restored(acts, rows_now, step), trained(acts, rows_now, step))
         assert torch.equal(restored.candidate_lists, trained.candidate_lists)
     assert (restored.refreshes, restored.repairs) == (trained.refreshes, trained.repairs) == (1, 1)  # mended at step 9
 

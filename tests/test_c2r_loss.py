@@ -208,7 +208,7 @@ def test_defaults():
     module = C2R()
     assert module.schedule == Schedule(coef=5.0, interval=5) and module.alpha == 1.0
     assert module.neighbor_search == "candidates" and module.candidates == 16 and module.refresh_every == 100
-    assert module.probe_latents == 512 and module.target_agreement == 0.99
+    assert module.probe_latents == 512 and module.probe_every == 4 and module.target_agreement == 0.99
     assert module.chunk_size == 8192 and module.audit_every == 0
 
 
@@ -225,6 +225,7 @@ def test_defaults():
         (dict(candidates=0), "candidates must be >= 1"),
         (dict(refresh_every=0), "refresh_every must be >= 1"),
         (dict(probe_latents=-1), "probe_latents must be >= 0"),
+        (dict(probe_every=0), "probe_every must be >= 1"),
         (dict(target_agreement=1), "target_agreement must be in"),
         (dict(refresh_precision="fp8"), "unknown C2R refresh_precision 'fp8'"),
         (dict(audit_every=-1), "audit_every must be >= 0"),
@@ -340,3 +341,21 @@ def test_architectures_without_explicit_selection_pass_dense_codes():
     for sae in (ReLUSAE(8, 16, seed=0), JumpReLUSAE(8, 16, seed=0)):
         out = sae.forward_pass(torch.randn(4, 8))
         assert out.sparse is None and out.codes is out.acts
+
+
+# ---------------------------------------------------------------- the written-out gradient of the pair cosines
+def test_pair_cosines_and_their_written_out_gradient_equal_autograd_on_the_plain_formula():
+    from c2r.regularizers.c2r import PairCosines
+
+    gen = torch.Generator().manual_seed(3)
+    rows = (torch.randn(30, 7, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    neighbors = torch.randint(0, 30, (30,), generator=gen)
+    neighbors[:3] = 5  # a row that is the partner of several rows (gradients add up)
+    neighbors[7] = 7  # a row paired with itself (the "no neighbour" sentinel)
+    upstream = torch.randn(30, generator=gen, dtype=torch.float64)
+    unit = torch.nn.functional.normalize(rows, dim=1)
+    plain = (unit * unit[neighbors]).sum(dim=1)
+    got = PairCosines.apply(rows, neighbors)
+    torch.testing.assert_close(got, plain)
+    torch.testing.assert_close(*(torch.autograd.grad(c, rows, upstream)[0] for c in (got, plain)))
+    assert torch.autograd.gradcheck(lambda r: PairCosines.apply(r, neighbors), (rows,))
