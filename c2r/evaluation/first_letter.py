@@ -35,7 +35,6 @@ a note) when fewer than ``min_letters`` letters are kept. The README lists every
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import string
@@ -49,7 +48,6 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from c2r.data.lm import LanguageModel, hook_activations, model_identity
-from c2r.data.shards import atomic_write
 from c2r.data.text import token_id
 from c2r.evaluation.base import EvalContext
 from c2r.evaluation.data import RowBatch
@@ -60,6 +58,7 @@ from c2r.evaluation.first_letter_metrics import (
     train_linear_probe,
     word_absorption,
 )
+from c2r.storage import atomic_write, content_key
 
 LETTERS = string.ascii_lowercase
 # Bump when the same settings would give different cached activations or probes.
@@ -361,8 +360,7 @@ class FirstLetterEval:
         }
 
     def probe_path(self) -> Path:
-        digest = hashlib.sha256(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:16]
-        return Path(self.source.cache_dir) / "probes" / f"first_letter_{digest}.safetensors"
+        return Path(self.source.cache_dir) / "probes" / f"first_letter_{content_key(self.cache_key())}.safetensors"
 
     def letter_probe(self) -> tuple[LetterProbe, bool]:
         """The cached probe and data, or new ones (then cached); also whether it came from the cache."""
