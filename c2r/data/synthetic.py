@@ -113,11 +113,8 @@ class GeneratedShards(CachedShards):
 
 
 class SyntheticShards(GeneratedShards):
-    """Shard source for generated sparse-feature data, cached under ``cache_dir/synthetic/<hash>``.
-
-    The directory name is a hash of every parameter that changes the data, so different settings
-    never share a cache and identical settings never regenerate.
-    """
+    """Shard source for generated sparse-feature data (see the module docstring), cached under
+    ``cache_dir/synthetic/<key of every parameter that changes the data>``."""
 
     def __init__(
         self,
