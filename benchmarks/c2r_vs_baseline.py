@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from c2r.data.hierarchy import HierarchicalShards
-from c2r.data.shards import Manifest
+from c2r.data.shards import Manifest, ShardReader
 from c2r.evaluation import run_evaluation
 from c2r.export import export_sae, load_sae
 from c2r.module import SAEModule
@@ -60,7 +60,8 @@ TABLE = ("fvu", "full_absorption", "partial_absorption", "absorption_fraction", 
 
 def training_rows(manifest: Manifest) -> torch.Tensor:
     """Every training row, normalised as training normalises them (E‖x‖² = 1)."""
-    rows = np.concatenate([np.load(manifest.path(e.file)) for e in manifest.train_shards])
+    reader = ShardReader(manifest.directory)
+    rows = np.concatenate([reader.rows(entry) for entry in manifest.train_shards])
     return torch.from_numpy(rows) * manifest.normalization_factor
 
 

@@ -15,6 +15,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from c2r.errors import UserError
+from c2r.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        super().save_checkpoint(checkpoint, temporary, storage_options)
-        if is_readable(path):
-            kept = path.with_name(f".{previous_of(path).name}.{os.getpid()}.tmp")
-            kept.unlink(missing_ok=True)  # left by a job killed right here
-            os.link(path, kept)
-            os.replace(kept, previous_of(path))
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            super().save_checkpoint(checkpoint, temporary, storage_options)
+            if is_readable(path):
+                with atomic_path(previous_of(path)) as kept:
+                    os.link(path, kept)
 
 
 class FinalAndPeriodicCheckpoint(ModelCheckpoint):

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from c2r.storage import atomic_write_text
 
 
 def finite_or_null(value: Any) -> Any:
@@ -27,9 +28,5 @@ def dumps(value: Any, **kwargs: Any) -> str:
 
 
 def write_json(path: str | Path, value: Any) -> Path:
-    """Write ``value`` to ``path`` (indented, non-finite numbers as ``null``) through a temporary file."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(dumps(value, indent=2))
-    os.replace(temporary, path)
-    return path
+    """Write ``value`` to ``path`` (indented, non-finite numbers as ``null``) atomically."""
+    return atomic_write_text(path, dumps(value, indent=2))

@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from c2r.errors import UserError
+from c2r.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +173,7 @@ def save_run_config(cfg: DictConfig, path: Path) -> None:
 
 
 def _save(cfg: DictConfig, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    OmegaConf.save(cfg, temporary)
-    temporary.replace(path)
+    atomic_write_text(path, OmegaConf.to_yaml(cfg))
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:

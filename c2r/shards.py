@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from c2r.data.cache import generate_once
+from c2r.data.sources import generate_once
 from c2r.data.shards import SUPPORTED_DTYPES, Manifest, ShardWriter, check_shard_split
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}

@@ -22,6 +22,8 @@ from c2r.data import HarvestedShards, SyntheticShards
 from c2r.data.lm import tiny_random_llama
 from c2r.evaluation import evaluate_rows, run_evaluation, select_rows
 from c2r.evaluation import first_letter as fl
+from c2r.evaluation.first_letter_probe import LetterProbe, save_letter_probe
+from c2r.evaluation.first_letter_prompts import FirstLetterError, alphabetic_tokens, build_prompts, icl_prompt
 from c2r.evaluation.base import EvalContext
 from c2r.evaluation.first_letter_metrics import (
     f1_score,
@@ -173,7 +175,7 @@ def hand_built_probe(tmp_path):
     b_words = (y_test == 1).nonzero().flatten()
     x_test[b_words[:2], 1] = 0
     x_test[(y_test == 0).nonzero().flatten()[:2], 1] = 1
-    probe = fl.LetterProbe(
+    probe = LetterProbe(
         train_words, test_words, x_train, y_train, x_test, y_test,
         weight=10 * torch.eye(26, d), bias=torch.full((26,), -5.0), words_dropped=0,
     )
@@ -194,7 +196,7 @@ def test_eval_on_a_cached_probe_filters_letters_and_scores_a_perfect_sae(hand_bu
     assert probe.f1s()[0] == 1.0 and probe.f1s()[1] == pytest.approx(0.6)
     sae = relu_sae(torch.eye(d), torch.eye(d))
     evaluation = make_eval(source, sae, plot_dir=tmp_path, max_k=3, sparse_batch_size=16)
-    fl.save_letter_probe(evaluation.probe_path(), probe, evaluation.cache_key())
+    save_letter_probe(evaluation.probe_path(), probe, evaluation.cache_key())
     result = evaluation.finalize()  # lm=None: it must come from the cache
 
     assert result["probe"]["cached"] is True
@@ -216,7 +218,7 @@ def test_too_few_letters_give_no_means(hand_built_probe):
     probe, source, d = hand_built_probe
     sae = relu_sae(torch.eye(d), torch.eye(d))
     evaluation = make_eval(source, sae, min_letters=26, max_k=2, sparse_batch_size=16)
-    fl.save_letter_probe(evaluation.probe_path(), probe, evaluation.cache_key())
+    save_letter_probe(evaluation.probe_path(), probe, evaluation.cache_key())
     result = evaluation.finalize()
     assert result["absorption_fraction"] is None and result["split_features"] is None
     assert result["letters"]["a"]["split_features"] == 1  # per-letter results are still there
@@ -240,12 +242,12 @@ def test_cache_key_covers_content_settings_not_speed(hand_built_probe):
 
 def test_vocabulary_and_prompts_follow_saebench():
     _, tokenizer = tiny_random_llama()
-    vocabulary = fl.alphabetic_tokens(tokenizer)
+    vocabulary = alphabetic_tokens(tokenizer)
     assert sorted(text for _, text in vocabulary) == sorted(string.ascii_letters)  # byte-level: single letters
-    assert fl.icl_prompt(" cat", [" dog", "Ant"], "{word} has the first letter:") == (
+    assert icl_prompt(" cat", [" dog", "Ant"], "{word} has the first letter:") == (
         "\n dog has the first letter: D\nAnt has the first letter: A\n cat has the first letter:"
     )
-    prompts, dropped = fl.build_prompts(
+    prompts, dropped = build_prompts(
         tokenizer, vocabulary[:5], template="{word} has the first letter:", icl_examples=3, start_id=1,
         rng=random.Random(0),
     )
@@ -255,8 +257,8 @@ def test_vocabulary_and_prompts_follow_saebench():
         lines = tokenizer.decode(ids[1:]).split("\n")[1:]
         assert len(lines) == 4 and lines[-1] == f"{word} has the first letter:"
         assert word not in [line.split(" has")[0] for line in lines[:-1]]  # never its own example
-    with pytest.raises(fl.FirstLetterError, match="exactly once, followed by text"):
-        fl.build_prompts(tokenizer, vocabulary, template="{word}", icl_examples=1, start_id=None,
+    with pytest.raises(FirstLetterError, match="exactly once, followed by text"):
+        build_prompts(tokenizer, vocabulary, template="{word}", icl_examples=1, start_id=None,
                          rng=random.Random(0))
 
 

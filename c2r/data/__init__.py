@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "c2r.data.datamodule": ["ActivationDataModule", "BlockDataset", "BlockSampler", "BlockStream", "ExistingShards", "ShardSource"],
+    "c2r.data.datamodule": ["ActivationDataModule", "BlockDataset", "BlockSampler", "BlockStream"],
     "c2r.data.harvest": ["HarvestedShards"],
     "c2r.data.shards": [
-        "FORMAT_VERSION", "Manifest", "Problem", "ShardEntry", "ShardIntegrityError", "ShardWriter",
+        "FORMAT_VERSION", "Manifest", "Problem", "ShardEntry", "ShardIntegrityError", "ShardReader", "ShardWriter",
         "list_complete_shards", "verify",
     ],
+    "c2r.data.sources": ["CachedShards", "ExistingShards", "ShardSource"],
     "c2r.data.synthetic": ["SyntheticShards"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

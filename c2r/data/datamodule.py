@@ -1,4 +1,4 @@
-"""Blocks of activation rows for training: dataset, sampler, shard sources and the DataModule.
+"""Blocks of activation rows for training: dataset, sampler and the DataModule.
 
 A *block* is a contiguous slice of rows from one shard and is one batch on one rank (the
 DataLoader runs with ``batch_size=None``). Rows were shuffled across contexts when the shards were
@@ -11,48 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from c2r.data.shards import Manifest, ShardEntry, ShardIntegrityError, open_shard, recreate_hint
-
-
-@runtime_checkable
-class ShardSource(Protocol):
-    """Anything that can produce a shard directory: ``ensure()`` creates it if missing (idempotent)."""
-
-    @property
-    def shard_dir(self) -> Path: ...
-
-    def ensure(self) -> Path: ...
-
-
-class ExistingShards:
-    """Shard source for a directory written earlier (by ``python -m c2r.harvest`` or a ShardWriter)."""
-
-    def __init__(self, path: str | Path):
-        self._path = Path(path).expanduser()
-
-    @property
-    def shard_dir(self) -> Path:
-        return self._path
-
-    def ensure(self) -> Path:
-        """Only validates: raises a clear error naming how to create the shards when they are absent."""
-        Manifest.load(self._path)
-        return self._path
-
-    def __repr__(self) -> str:
-        return f"ExistingShards({str(self._path)!r})"
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """A 64-bit generator seed mixing ``seed`` and ``epoch`` (nearby pairs give unrelated orders)."""
-    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0])
+from c2r.data.shards import Manifest, ShardEntry, ShardReader
+from c2r.data.sources import ShardSource
+from c2r.storage import derived_seed
 
 
 class BlockSampler(Sampler[int]):
@@ -97,7 +64,7 @@ class BlockSampler(Sampler[int]):
     def order(self, epoch: int) -> list[int]:
         """This rank's block indices for ``epoch``, in order (a pure function of ``seed`` and ``epoch``)."""
         if self.shuffle:
-            gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
             order = torch.randperm(self.num_blocks, generator=gen)
         else:
             order = torch.arange(self.num_blocks)
@@ -139,10 +106,10 @@ class BlockDataset(Dataset[torch.Tensor]):
 
     Shard ``s`` contributes ``rows_s // block_rows`` blocks in order; its last ``rows_s % block_rows``
     rows are never read (with the default sizes this is nothing, or part of the small last shard).
-    Memmaps are opened lazily on first access and not pickled, so each DataLoader worker opens its own. Opening
-    a shard checks its sha256 (:func:`~c2r.data.shards.open_shard`: about 0.9 s per GiB, once per shard per
-    process, so with ``num_workers=W`` each worker hashes the shards it reads), and every block is bounded by
-    :func:`check_rows`, so damaged data stops the run at its first read, naming the file.
+    Rows are read by a :class:`~c2r.data.shards.ShardReader`, which opens each shard lazily and is not pickled, so
+    each DataLoader worker opens its own. Opening a shard checks its sha256 (about 0.9 s per GiB, once per shard
+    per process, so with ``num_workers=W`` each worker hashes the shards it reads), and every block is bounded by
+    :func:`~c2r.data.shards.check_rows`, so damaged data stops the run at its first read, naming the file.
     """
 
     def __init__(self, manifest_dir: str | Path, shards: list[ShardEntry], block_rows: int, scale: float):
@@ -164,20 +131,10 @@ class BlockDataset(Dataset[torch.Tensor]):
             for s, entry in enumerate(self.shards)
             for start in range(0, entry.rows - self.block_rows + 1, self.block_rows)
         ]
-        self._memmaps: dict[int, np.ndarray] = {}
+        self._reader = ShardReader(self.directory)
 
     def __len__(self) -> int:
         return len(self._blocks)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_memmaps"] = {}
-        return state
-
-    def _memmap(self, shard: int) -> np.ndarray:
-        if shard not in self._memmaps:
-            self._memmaps[shard] = open_shard(self.directory, self.shards[shard])
-        return self._memmaps[shard]
 
     def location(self, k: int) -> tuple[str, int]:
         """``(shard file, first row)`` of block ``k``."""
@@ -186,34 +143,9 @@ class BlockDataset(Dataset[torch.Tensor]):
 
     def __getitem__(self, k: int) -> torch.Tensor:
         shard, start = self._blocks[k]
-        rows = np.array(self._memmap(shard)[start : start + self.block_rows], dtype=np.float32)
-        check_rows(rows, self.directory, self.shards[shard], first_row=start)
-        block = torch.from_numpy(rows)
+        block = torch.from_numpy(self._reader.rows(self.shards[shard], start, start + self.block_rows))
         block.mul_(self.scale)
         return block
-
-
-def check_rows(rows: np.ndarray, directory: Path, entry: ShardEntry, first_row: int = 0) -> None:
-    """Raise naming the shard file and row numbers when ``rows`` hold values the shard was not written with:
-    NaN/inf, or a ``|value|`` above the largest one its manifest records (``max_abs``, exact, so any larger value
-    is damage, e.g. a flipped exponent bit turning 0.5 into 5.6e26). Manifests without ``max_abs`` (written before
-    c2r recorded it) get the NaN/inf check only. One ``|x|.max`` per row: cheap next to the SAE's matmuls.
-    """
-    row_max = np.abs(rows).max(axis=1)
-    bound = np.inf if entry.max_abs is None else entry.max_abs
-    bad = ~(np.isfinite(row_max) & (row_max <= bound))
-    if not bad.any():
-        return
-    where = (np.flatnonzero(bad)[:5] + first_row).tolist()
-    more = " and more" if bad.sum() > len(where) else ""
-    worst = row_max[bad]
-    found = "NaN/inf" if not np.isfinite(worst).all() else f"|values| up to {float(worst.max()):.3g}"
-    recorded = "" if entry.max_abs is None else f" (its manifest records a largest |value| of {entry.max_abs:.4g})"
-    raise ShardIntegrityError(
-        f"shard file {Path(directory) / entry.file} row(s) {where}{more} hold {found}, which the shard was not "
-        f"written with{recorded}: the file was damaged after its checksum was recorded or checked; "
-        f"fix: {recreate_hint(directory)}"
-    )
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -303,11 +235,11 @@ class ActivationDataModule(L.LightningDataModule):
         manifest = self.manifest
         if not 0 < n <= manifest.train_rows:
             raise ValueError(f"sample_rows needs 0 < n <= {manifest.train_rows} (the training rows), got {n}")
+        reader = ShardReader(manifest.directory)
         parts = []
         remaining = n
         for entry in manifest.train_shards:
-            rows = np.array(open_shard(manifest.directory, entry)[:remaining], dtype=np.float32)
-            check_rows(rows, manifest.directory, entry)
+            rows = reader.rows(entry, 0, remaining)
             parts.append(rows)
             remaining -= len(rows)
             if remaining == 0:

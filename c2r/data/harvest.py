@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import itertools
 import json
 import logging
@@ -40,9 +39,11 @@ import numpy as np
 import torch
 
 from c2r.data.lm import LanguageModel, check_hook, hook_activations, load_model, model_identity
-from c2r.data.shards import MANIFEST_NAME, Manifest, ShardWriter, atomic_write, check_shard_split
+from c2r.data.shards import MANIFEST_NAME, Manifest, ShardWriter, check_shard_split
+from c2r.data.sources import CachedShards
 from c2r.data.text import TextSource, pack_contexts, shuffle_buffer, token_id, tokenize_documents
 from c2r.errors import UserError
+from c2r.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,11 @@ class HarvestError(UserError, ValueError):
     """Bad harvest settings or a harvest that cannot go on, with what is wrong and how to fix it."""
 
 
-def _key_hash(params: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-class HarvestedShards:
+class HarvestedShards(CachedShards):
     """Shard source: activations of ``model`` at ``hook`` over ``text``, harvested once and cached.
 
     Args:
@@ -91,6 +88,8 @@ class HarvestedShards:
         cache_dir: the cache root (shards under ``activations/``, SmolLM2's float32 copy under ``models/``).
         progress: show a progress bar (tqdm) with tokens/s and ETA.
     """
+
+    folder = "activations"
 
     def __init__(
         self,
@@ -191,13 +190,8 @@ class HarvestedShards:
             "seed": self.seed,
         }
 
-    @property
-    def key(self) -> str:
-        return _key_hash(self.params())
-
-    @property
-    def shard_dir(self) -> Path:
-        return self.cache_dir / "activations" / f"{_slug(self.model)}_{_slug(self.hook)}_{self.key}"
+    def directory_name(self) -> str:
+        return f"{_slug(self.model)}_{_slug(self.hook)}_{self.key}"
 
     # ---- shard source protocol ---------------------------------------------------------------------
     def ensure(self) -> Path:
@@ -369,8 +363,7 @@ class HarvestedShards:
             "key": self.key, "rows": rows, "batch": batch, "offset": rows - kept_before,
             "kept_before": kept_before, "counts": counts,
         }
-        text = json.dumps(record, indent=2).encode("utf-8")
-        atomic_write(target / PROGRESS_NAME, lambda f: f.write(text))
+        atomic_write_text(target / PROGRESS_NAME, json.dumps(record, indent=2))
 
     def _read_progress(self, target: Path, rows_on_disk: int) -> dict[str, Any]:
         """Where to restart: the progress file if it belongs to these shards, else the very beginning."""
@@ -430,8 +423,8 @@ class HarvestedShards:
             "settings": self.params(),
         }
 
-    def __repr__(self) -> str:
-        return f"HarvestedShards(model={self.model!r}, hook={self.hook!r}, text={self.text!r}, key={self.key})"
+    def repr_settings(self) -> dict[str, Any]:
+        return {"model": self.model, "hook": self.hook, "text": self.text, "key": self.key}
 
 
 def _special_tokens(tokenizer: Any) -> dict[str, int]:

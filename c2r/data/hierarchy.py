@@ -27,7 +27,6 @@ all of it back (and the dictionary alone from any directory with a ``features.np
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from c2r.data.cache import generate_once
-from c2r.data.shards import ShardWriter, check_shard_split, shard_name
-from c2r.data.synthetic import FEATURES_FILE, _derived_seed, check_magnitudes
+from c2r.data.shards import check_shard_split, shard_name
+from c2r.data.synthetic import FEATURES_FILE, GeneratedShards, check_magnitudes
 
 GENERATOR_VERSION = 1
 PARENTS_FILE = "parents.npy"
@@ -104,7 +102,7 @@ def load_ground_truth(shard_dir: str | Path) -> GroundTruth | None:
     return GroundTruth(features=features, parents=parents, directory=shard_dir if has_codes else None)
 
 
-class HierarchicalShards:
+class HierarchicalShards(GeneratedShards):
     """Shard source for generated hierarchical sparse-feature data (see the module docstring), cached under
     ``cache_dir/synthetic/<hash of every parameter>`` together with its ground truth."""
 
@@ -151,7 +149,6 @@ class HierarchicalShards:
         self.seed = int(seed)
         self.cache_dir = Path(cache_dir)
         self._validate()
-        self._features: Tensor | None = None
 
     # ---- layout ------------------------------------------------------------------------------------
     @property
@@ -165,10 +162,6 @@ class HierarchicalShards:
     @property
     def n_features(self) -> int:
         return self.n_parents + self.n_children + self.n_independent
-
-    @property
-    def n_shards(self) -> int:
-        return -(-self.rows // self.rows_per_shard)
 
     def parents(self) -> Tensor:
         """The parent of each feature (``[G]`` long), −1 for roots."""
@@ -243,21 +236,13 @@ class HierarchicalShards:
             "seed": self.seed,
         }
 
-    @property
-    def shard_dir(self) -> Path:
-        key = json.dumps(self.params(), sort_keys=True).encode("utf-8")
-        return self.cache_dir / "synthetic" / hashlib.sha256(key).hexdigest()[:16]
-
     # ---- generation --------------------------------------------------------------------------------
-    def features(self) -> Tensor:
-        """The ground-truth dictionary ``[G, d]``: random unit directions (orthonormal with ``orthogonal``)."""
-        if self._features is None:
-            gen = torch.Generator().manual_seed(_derived_seed(self.seed, 0))
-            directions = torch.randn(self.n_features, self.d, generator=gen, dtype=torch.float64)
-            if self.orthogonal:
-                directions = torch.linalg.qr(directions.T).Q.T
-            self._features = (directions / directions.norm(dim=1, keepdim=True)).float()
-        return self._features
+    def _make_features(self, gen: torch.Generator) -> Tensor:
+        """Random unit directions (orthonormal with ``orthogonal``)."""
+        directions = torch.randn(self.n_features, self.d, generator=gen, dtype=torch.float64)
+        if self.orthogonal:
+            directions = torch.linalg.qr(directions.T).Q.T
+        return (directions / directions.norm(dim=1, keepdim=True)).float()
 
     def ground_truth(self) -> GroundTruth:
         """The truth of the cached directory (generated first if needed)."""
@@ -276,10 +261,8 @@ class HierarchicalShards:
 
     def sample_shard(self, index: int) -> tuple[Tensor, Tensor]:
         """Rows of shard ``index`` as ``(x [n, d], codes [n, G])``; each shard has its own seeded stream."""
-        if not 0 <= index < self.n_shards:
-            raise IndexError(f"shard index {index} out of range [0, {self.n_shards})")
-        n = min(self.rows_per_shard, self.rows - index * self.rows_per_shard)
-        gen = torch.Generator().manual_seed(_derived_seed(self.seed, 1, index))
+        n = self.shard_rows(index)
+        gen = self._shard_generator(index)
         P, C = self.n_parents, self.children_per_parent
         roots = self._fire_roots(n, gen)
         active = torch.zeros(n, self.n_features, dtype=torch.bool)
@@ -302,14 +285,9 @@ class HierarchicalShards:
             x = x + self.noise_std * torch.randn(n, self.d, generator=gen)
         return x, codes
 
-    # ---- shard source protocol ---------------------------------------------------------------------
-    def ensure(self) -> Path:
-        """Generate the shards and their ground truth unless a complete copy is cached; return the directory."""
-        return generate_once(self.shard_dir, self._write)
-
-    def _write(self, directory: Path) -> None:
-        directory.mkdir(parents=True)
-        np.save(directory / FEATURES_FILE, self.features().numpy())
+    # ---- what is saved beside the shards -------------------------------------------------------------
+    def _save_truth(self, directory: Path) -> None:
+        super()._save_truth(directory)
         np.save(directory / PARENTS_FILE, self.parents().numpy())
         probs = self.root_probabilities()
         truth = {
@@ -325,30 +303,16 @@ class HierarchicalShards:
             "root_firing_probability": probs.tolist(),
         }
         (directory / GROUND_TRUTH_FILE).write_text(json.dumps(truth, indent=1))
-        writer = ShardWriter(
-            directory,
-            d=self.d,
-            rows_per_shard=self.rows_per_shard,
-            dtype="float32",
-            seed=self.seed,
-            source=self.params(),
-            shuffle=False,  # rows are independent already; keeping their order keeps them aligned with the codes
-        )
-        for index in range(self.n_shards):
-            x, codes = self.sample_shard(index)
-            writer.add(x.numpy())
-            nonzero = codes.nonzero()
-            indptr = np.zeros(len(codes) + 1, dtype=np.int64)
-            np.cumsum(np.bincount(nonzero[:, 0].numpy(), minlength=len(codes)), out=indptr[1:])
-            np.savez(
-                directory / codes_name(shard_name(index)),
-                indptr=indptr,
-                indices=nonzero[:, 1].numpy().astype(np.int32),
-                values=codes[nonzero[:, 0], nonzero[:, 1]].numpy(),
-            )
-        writer.finalize(val_shards=self.val_shards)
 
-    def __repr__(self) -> str:
-        hidden = ("kind", "generator_version")
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k not in hidden)
-        return f"HierarchicalShards({args}, cache_dir={str(self.cache_dir)!r})"
+    def _save_shard_truth(self, directory: Path, index: int, sample: tuple[Tensor, ...]) -> None:
+        """Every row's code as a sparse CSR matrix, so an evaluation reads the truth behind each row."""
+        codes = sample[1]
+        nonzero = codes.nonzero()
+        indptr = np.zeros(len(codes) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(nonzero[:, 0].numpy(), minlength=len(codes)), out=indptr[1:])
+        np.savez(
+            directory / codes_name(shard_name(index)),
+            indptr=indptr,
+            indices=nonzero[:, 1].numpy().astype(np.int32),
+            values=codes[nonzero[:, 0], nonzero[:, 1]].numpy(),
+        )

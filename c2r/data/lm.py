@@ -17,15 +17,12 @@ Model names:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from typing import Any
 import torch
 
 from c2r.errors import UserError
+from c2r.storage import atomic_path, content_key
 
 SMOLLM2 = "smollm2-135m"
 TINY_RANDOM = "tiny-random-llama"
@@ -187,8 +185,8 @@ def _load_smollm2(cache_dir: str | Path | None) -> tuple[torch.nn.Module, Any]:
     gguf = smollm2_gguf_path()
     converted = None
     if cache_dir is not None:
-        key = json.dumps({**model_identity(SMOLLM2), "conversion": CONVERSION_VERSION}, sort_keys=True)
-        converted = Path(cache_dir) / "models" / f"{SMOLLM2}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        key = content_key({**model_identity(SMOLLM2), "conversion": CONVERSION_VERSION}, length=12)
+        converted = Path(cache_dir) / "models" / f"{SMOLLM2}-{key}"
         if (converted / "model.safetensors").is_file():
             model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
             return model, AutoTokenizer.from_pretrained(converted)
@@ -209,17 +207,15 @@ def _save_converted(model: torch.nn.Module, tokenizer: Any, target: Path) -> Non
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)  # the weights are plain float32 now
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_model(model, str(tmp / "model.safetensors"))
-        tokenizer.save_pretrained(tmp)
-        if not target.exists():  # else a concurrent run saved it first
-            os.replace(tmp, target)
+        with atomic_path(target) as tmp:  # a copy a concurrent run renamed into place first is kept
+            tmp.mkdir()
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)  # the weights are plain float32 now
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            save_model(model, str(tmp / "model.safetensors"))
+            tokenizer.save_pretrained(tmp)
     except (OSError, SafetensorError) as err:
         needed = sum(p.numel() * p.element_size() for p in model.parameters())
         log.warning(
@@ -227,8 +223,6 @@ def _save_converted(model: torch.nn.Module, tokenizer: Any, target: Path) -> Non
             f"about {needed / 1e6:.0f} MB and {_free_mb(target.parent):.0f} MB are free there. Free some space or "
             "set cache_dir= to a larger disk; until then every load dequantises the GGUF file again (~40 s)"
         )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _free_mb(directory: Path) -> float:

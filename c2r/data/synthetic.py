@@ -8,25 +8,20 @@ truth is known, SAE training and metrics can be tested in seconds on a CPU.
 
 from __future__ import annotations
 
-import hashlib
-import json
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from c2r.data.cache import generate_once
-from c2r.data.shards import Manifest, ShardWriter, check_shard_split
+from c2r.data.shards import ShardWriter, check_shard_split
+from c2r.data.sources import CachedShards, generate_once
+from c2r.storage import derived_seed
 
 # Bump when the generated numbers change for the same parameters, so old caches are not reused.
 GENERATOR_VERSION = 1
 FEATURES_FILE = "features.npy"
-
-
-def _derived_seed(*parts: int) -> int:
-    """A 64-bit seed from several integers, so e.g. (seed, shard) streams never overlap."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
 
 
 def check_magnitudes(magnitude_min: float, magnitude_max: float, noise_std: float) -> None:
@@ -40,12 +35,86 @@ def check_magnitudes(magnitude_min: float, magnitude_max: float, noise_std: floa
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")
 
 
-class SyntheticShards:
-    """Shard source for generated sparse-feature data, cached under ``cache_dir/synthetic/<hash>``.
+class GeneratedShards(CachedShards):
+    """A generated shard source: ground-truth features (``features.npy``) and rows drawn shard by shard from seeded
+    streams, cached under ``cache_dir/synthetic/<key>``. A subclass draws the features and the rows; this class
+    writes them (and whatever truth the subclass saves beside them) into a directory that appears complete or
+    not at all."""
 
-    The directory name is a hash of every parameter that changes the data, so different settings
-    never share a cache and identical settings never regenerate.
-    """
+    folder = "synthetic"
+    d: int
+    rows: int
+    rows_per_shard: int
+    val_shards: int
+    seed: int
+    _features: torch.Tensor | None = None
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.rows // self.rows_per_shard)
+
+    def shard_rows(self, index: int) -> int:
+        """How many rows shard ``index`` holds (the last one may be smaller)."""
+        if not 0 <= index < self.n_shards:
+            raise IndexError(f"shard index {index} out of range [0, {self.n_shards})")
+        return min(self.rows_per_shard, self.rows - index * self.rows_per_shard)
+
+    def features(self) -> torch.Tensor:
+        """The ground-truth dictionary ``[n_features, d]``, drawn once from the ``(seed, 0)`` stream."""
+        if self._features is None:
+            self._features = self._make_features(torch.Generator().manual_seed(derived_seed(self.seed, 0)))
+        return self._features
+
+    @abstractmethod
+    def _make_features(self, gen: torch.Generator) -> torch.Tensor:
+        """Draw the ground-truth dictionary from ``gen``."""
+
+    @abstractmethod
+    def sample_shard(self, index: int) -> tuple[torch.Tensor, ...]:
+        """Rows of shard ``index``, ``x [n, d]`` first, from the shard's own ``(seed, 1, index)`` stream."""
+
+    def _shard_generator(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derived_seed(self.seed, 1, index))
+
+    def _save_truth(self, directory: Path) -> None:
+        """Save what is known about the whole directory beside the shards (by default the features)."""
+        np.save(directory / FEATURES_FILE, self.features().numpy())
+
+    def _save_shard_truth(self, directory: Path, index: int, sample: tuple[torch.Tensor, ...]) -> None:
+        """Save what is known about the rows of shard ``index`` (nothing by default)."""
+
+    # ---- shard source protocol ---------------------------------------------------------------------
+    def ensure(self) -> Path:
+        """Generate the shards unless a complete copy is cached; return the shard directory (written into a
+        temporary sibling and renamed into place, so concurrent or interrupted runs never see a partial one)."""
+        return generate_once(self.shard_dir, self._write)
+
+    def _write(self, directory: Path) -> None:
+        directory.mkdir(parents=True)
+        self._save_truth(directory)
+        writer = ShardWriter(
+            directory,
+            d=self.d,
+            rows_per_shard=self.rows_per_shard,
+            dtype="float32",
+            seed=self.seed,
+            source=self.params(),
+            shuffle=False,  # rows are independent already; in order, sample_shard reproduces them and truth stays aligned
+        )
+        for index in range(self.n_shards):
+            sample = self.sample_shard(index)
+            writer.add(sample[0].numpy())
+            self._save_shard_truth(directory, index, sample)
+        writer.finalize(val_shards=self.val_shards)
+
+    def repr_settings(self) -> dict[str, Any]:
+        hidden = ("kind", "generator_version")
+        return {**{k: v for k, v in self.params().items() if k not in hidden}, "cache_dir": str(self.cache_dir)}
+
+
+class SyntheticShards(GeneratedShards):
+    """Shard source for generated sparse-feature data (see the module docstring), cached under
+    ``cache_dir/synthetic/<key of every parameter that changes the data>``."""
 
     def __init__(
         self,
@@ -76,7 +145,6 @@ class SyntheticShards:
         self.seed = int(seed)
         self.cache_dir = Path(cache_dir)
         self._validate()
-        self._features: torch.Tensor | None = None
 
     def _validate(self) -> None:
         if self.d < 1 or self.n_features < 1:
@@ -110,20 +178,9 @@ class SyntheticShards:
             "seed": self.seed,
         }
 
-    @property
-    def shard_dir(self) -> Path:
-        key = json.dumps(self.params(), sort_keys=True).encode("utf-8")
-        return self.cache_dir / "synthetic" / hashlib.sha256(key).hexdigest()[:16]
-
     # ---- generation --------------------------------------------------------------------------------
-    def features(self) -> torch.Tensor:
-        """The ground-truth dictionary ``[n_features, d]``: random unit-norm directions."""
-        if self._features is None:
-            self._features = self._make_features()
-        return self._features
-
-    def _make_features(self) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(_derived_seed(self.seed, 0))
+    def _make_features(self, gen: torch.Generator) -> torch.Tensor:
+        """Random unit-norm directions."""
         directions = torch.randn(self.n_features, self.d, generator=gen, dtype=torch.float64)
         return (directions / directions.norm(dim=1, keepdim=True)).float()
 
@@ -137,11 +194,8 @@ class SyntheticShards:
 
         Each shard has its own seeded stream, so any shard can be regenerated on its own.
         """
-        n_shards = -(-self.rows // self.rows_per_shard)
-        if not 0 <= index < n_shards:
-            raise IndexError(f"shard index {index} out of range [0, {n_shards})")
-        n = min(self.rows_per_shard, self.rows - index * self.rows_per_shard)
-        gen = torch.Generator().manual_seed(_derived_seed(self.seed, 1, index))
+        n = self.shard_rows(index)
+        gen = self._shard_generator(index)
         active = self._sample_active(n, gen)
         magnitudes = torch.empty(n, self.l0).uniform_(self.magnitude_min, self.magnitude_max, generator=gen)
         x = torch.einsum("nl,nld->nd", magnitudes, self.features()[active])
@@ -167,30 +221,3 @@ class SyntheticShards:
                 keys = keys.clamp_(min=1e-30).log_().mul_(inv_w)
             out.append(keys.topk(self.l0, dim=1).indices)
         return torch.cat(out)
-
-    # ---- shard source protocol ---------------------------------------------------------------------
-    def ensure(self) -> Path:
-        """Generate the shards unless a complete copy is cached; return the shard directory (written into a
-        temporary sibling and renamed into place, so concurrent or interrupted runs never see a partial one)."""
-        return generate_once(self.shard_dir, self._write)
-
-    def _write(self, directory: Path) -> Manifest:
-        directory.mkdir(parents=True)
-        np.save(directory / FEATURES_FILE, self.features().numpy())
-        writer = ShardWriter(
-            directory,
-            d=self.d,
-            rows_per_shard=self.rows_per_shard,
-            dtype="float32",
-            seed=self.seed,
-            source=self.params(),
-            shuffle=False,  # rows are already independent; keeping order lets sample_shard reproduce them
-        )
-        for index in range(-(-self.rows // self.rows_per_shard)):
-            writer.add(self.sample_shard(index)[0].numpy())
-        return writer.finalize(val_shards=self.val_shards)
-
-    def __repr__(self) -> str:
-        hidden = ("kind", "generator_version")
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k not in hidden)
-        return f"SyntheticShards({args}, cache_dir={str(self.cache_dir)!r})"

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import ast
 import glob
-import hashlib
 import json
 import os
 import platform
 import sysconfig
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from c2r.errors import UserError
+from c2r.storage import atomic_write, digest
 
 PYTHON_DOCS = "python-docs"
 # Bump when the python-docs builder changes its output for the same Python installation.
@@ -65,10 +64,9 @@ def python_docs_fingerprint() -> str:
     """Identifies this installation's python-docs text without building it: the Python version and the
     names and sizes of the standard-library files (distributions patch or strip the stdlib)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    digest = hashlib.sha256(f"{platform.python_version()}|{PYTHON_DOCS_VERSION}".encode())
-    for path in _stdlib_files():
-        digest.update(f"{path.relative_to(root).as_posix()}:{path.stat().st_size}\n".encode())
-    return digest.hexdigest()[:16]
+    header = f"{platform.python_version()}|{PYTHON_DOCS_VERSION}".encode()
+    files = (f"{path.relative_to(root).as_posix()}:{path.stat().st_size}\n".encode() for path in _stdlib_files())
+    return digest([header, *files])
 
 
 def _module_docstrings(path: Path) -> str:
@@ -105,14 +103,12 @@ def build_python_docs(cache_dir: str | Path) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for doc in python_docs_documents():
-                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write(f: IO[bytes]) -> None:
+        for doc in python_docs_documents():
+            f.write((json.dumps({"text": doc}, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    atomic_write(target, write)
     return target
 
 

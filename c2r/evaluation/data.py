@@ -6,12 +6,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from c2r.data.datamodule import check_rows
-from c2r.data.shards import Manifest, ShardEntry, open_shard
+from c2r.data.shards import Manifest, ShardEntry, ShardReader
 
 SPLITS = ("val", "train", "all")
 
@@ -42,11 +40,10 @@ class EvalRows:
         return self.manifest.directory
 
     def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[RowBatch]:
+        reader = ShardReader(self.directory)
         for entry, count in self.shards:
-            array = open_shard(self.directory, entry)
             for start in range(0, count, batch_size):
-                rows = np.array(array[start : min(start + batch_size, count)], dtype=np.float32)
-                check_rows(rows, self.directory, entry, first_row=start)
+                rows = reader.rows(entry, start, min(start + batch_size, count))
                 yield RowBatch(x=torch.from_numpy(rows).to(device), shard=entry.file, start=start)
 
 

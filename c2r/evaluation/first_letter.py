@@ -35,241 +35,26 @@ a note) when fewer than ``min_letters`` letters are kept. The README lists every
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
-import string
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
 from torch import Tensor
 
-from c2r.data.lm import LanguageModel, hook_activations, model_identity
-from c2r.data.shards import atomic_write
+from c2r.data.lm import LanguageModel, model_identity
 from c2r.data.text import token_id
 from c2r.evaluation.base import EvalContext
 from c2r.evaluation.data import RowBatch
-from c2r.evaluation.first_letter_metrics import (
-    f1_score,
-    sparse_probe_f1s,
-    split_count,
-    train_linear_probe,
-    word_absorption,
+from c2r.evaluation.first_letter_metrics import sparse_probe_f1s, split_count, train_linear_probe, word_absorption
+from c2r.evaluation.first_letter_probe import (
+    PROBE_CACHE_VERSION,
+    LetterProbe,
+    build_letter_probe,
+    load_letter_probe,
+    save_letter_probe,
 )
-
-LETTERS = string.ascii_lowercase
-# Bump when the same settings would give different cached activations or probes.
-PROBE_CACHE_VERSION = 1
-
-
-class FirstLetterError(ValueError):
-    """Settings or a model that the first-letter evaluation cannot use, with what is wrong and how to fix it."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Words and prompts
-# --------------------------------------------------------------------------------------------------
-
-
-def alphabetic_tokens(tokenizer: Any) -> list[tuple[int, str]]:
-    """``(token id, text)`` of every token whose text is ASCII letters, optionally after one leading space
-    (SAEBench's rule); special tokens are left out, and of tokens with the same text the first is kept."""
-    special = set(tokenizer.all_special_ids)
-    ids = [i for i in range(len(tokenizer)) if i not in special]
-    found: dict[str, int] = {}
-    for tid, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])):
-        core = text[1:] if text.startswith(" ") else text
-        if core and core.isascii() and core.isalpha():
-            found.setdefault(text, tid)
-    return [(tid, text) for text, tid in found.items()]
-
-
-def first_letter_of(word: str) -> str:
-    """The lower-case first letter of a vocabulary word (leading space ignored)."""
-    return word.strip()[0].lower()
-
-
-def icl_prompt(word: str, examples: list[str], template: str) -> str:
-    """SAEBench's in-context prompt: one line per example with its answer (`` E``), then the word's line without
-    the answer; every line starts with a newline."""
-    lines = [f"{template.format(word=e)} {first_letter_of(e).upper()}" for e in examples]
-    return "".join(f"\n{line}" for line in [*lines, template.format(word=word)])
-
-
-@dataclass
-class Prompts:
-    """Token ids of the prompts of one split; the word token sits at ``word_position`` (negative) in each."""
-
-    words: list[str]
-    tokens: list[list[int]]
-    word_position: int
-
-
-def build_prompts(
-    tokenizer: Any,
-    vocabulary: list[tuple[int, str]],
-    *,
-    template: str,
-    icl_examples: int,
-    start_id: int | None,
-    rng: random.Random,
-) -> tuple[Prompts, int]:
-    """Prompts for ``vocabulary`` with examples drawn from it; returns them and how many words were dropped
-    because their token did not survive tokenisation of the prompt."""
-    after = template.split("{word}")[-1]
-    if template.count("{word}") != 1 or not after:
-        raise FirstLetterError(
-            f"template must contain {{word}} exactly once, followed by text (SAEBench: '{{word}} has the first "
-            f"letter:'), got {template!r}"
-        )
-    suffix = tokenizer(after, add_special_tokens=False)["input_ids"]
-    word_position = -len(suffix) - 1
-    texts = [text for _, text in vocabulary]
-    n_examples = min(icl_examples, len(texts) - 1)
-    words, tokens, dropped = [], [], 0
-    for tid, text in vocabulary:
-        examples = [w for w in rng.sample(texts, n_examples + 1) if w != text][:n_examples]
-        ids = tokenizer(icl_prompt(text, examples, template), add_special_tokens=False)["input_ids"]
-        ids = ([start_id] if start_id is not None else []) + list(ids)
-        if len(ids) < len(suffix) + 1 or ids[word_position] != tid or ids[word_position + 1 :] != suffix:
-            dropped += 1
-            continue
-        words.append(text)
-        tokens.append(ids)
-    return Prompts(words, tokens, word_position), dropped
-
-
-def word_activations(lm: LanguageModel, hook: str, prompts: Prompts, batch_size: int) -> Tensor:
-    """``[len(prompts.words), d]`` float32 activations at ``hook`` on each prompt's word token. Prompts of equal
-    length are batched together (no padding, so no attention mask is needed). Built outside inference mode, so
-    the result is an ordinary tensor that probes can train on."""
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(prompts.tokens):
-        by_length.setdefault(len(ids), []).append(i)
-    rows: dict[int, Tensor] = {}
-    for indices in by_length.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            tokens = torch.tensor([prompts.tokens[i] for i in chunk], dtype=torch.long)
-            acts = hook_activations(lm, tokens, hook)[:, prompts.word_position].float().cpu()
-            rows.update(zip(chunk, acts))
-    return torch.stack([rows[i] for i in range(len(prompts.tokens))])
-
-
-# --------------------------------------------------------------------------------------------------
-# The ground-truth probe and its data, cached
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LetterProbe:
-    """Word activations of both splits, their first letters (0-25) and the ground-truth probe."""
-
-    train_words: list[str]
-    test_words: list[str]
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    weight: Tensor  # [26, d]
-    bias: Tensor  # [26]
-    words_dropped: int
-
-    def test_logits(self) -> Tensor:
-        return self.x_test @ self.weight.T + self.bias
-
-    def f1s(self) -> list[float]:
-        """Each letter's probe F1 on the test split (predicting the letter where its logit is > 0)."""
-        logits = self.test_logits()
-        return [f1_score(logits[:, c] > 0, self.y_test == c) for c in range(len(LETTERS))]
-
-    def tensors(self) -> dict[str, Tensor]:
-        names = ("x_train", "y_train", "x_test", "y_test", "weight", "bias")
-        return {name: getattr(self, name).contiguous() for name in names}
-
-
-def letter_labels(words: list[str]) -> Tensor:
-    """The first letter of each word as a class index 0-25."""
-    return torch.tensor([LETTERS.index(first_letter_of(w)) for w in words], dtype=torch.long)
-
-
-def build_letter_probe(
-    lm: LanguageModel,
-    hook: str,
-    *,
-    start_id: int | None,
-    words: int,
-    seed: int,
-    test_fraction: float,
-    icl_examples: int,
-    template: str,
-    batch_size: int,
-    probe: dict[str, Any],
-) -> LetterProbe:
-    """Sample the words, run the LM on their prompts and train the ground-truth probe (see the module docstring)."""
-    vocabulary = alphabetic_tokens(lm.tokenizer)
-    rng = random.Random(seed)
-    vocabulary = rng.sample(vocabulary, min(words, len(vocabulary)))
-    n_test = round(len(vocabulary) * test_fraction)
-    if n_test < 1 or len(vocabulary) - n_test < 2:
-        raise FirstLetterError(
-            f"{len(vocabulary)} alphabetic words with test_fraction={test_fraction} leave no train or test words; "
-            "raise words (or pick a model whose tokenizer has whole-word tokens)"
-        )
-    splits = {"train": vocabulary[n_test:], "test": vocabulary[:n_test]}
-    data, dropped = {}, 0
-    for name, split in splits.items():
-        prompts, lost = build_prompts(
-            lm.tokenizer, split, template=template, icl_examples=icl_examples, start_id=start_id, rng=rng
-        )
-        if not prompts.words:
-            raise FirstLetterError(
-                f"no {name} word kept its token inside the prompt ({lost} dropped): the template {template!r} "
-                f"does not tokenise as expected for {lm.name}; use a template whose text after {{word}} starts "
-                "with a space"
-            )
-        dropped += lost
-        data[name] = (prompts.words, word_activations(lm, hook, prompts, batch_size))
-    (train_words, x_train), (test_words, x_test) = data["train"], data["test"]
-    y_train = letter_labels(train_words)
-    weight, bias = train_linear_probe(x_train, y_train, len(LETTERS), seed=seed, **probe)
-    return LetterProbe(
-        train_words, test_words, x_train, y_train, x_test, letter_labels(test_words), weight, bias, dropped
-    )
-
-
-def save_letter_probe(path: Path, letter_probe: LetterProbe, key: dict[str, Any]) -> None:
-    """Write the probe and its data as one safetensors file (words and cache key in its metadata), atomically."""
-    metadata = {
-        "key": json.dumps(key, sort_keys=True),
-        "train_words": json.dumps(letter_probe.train_words),
-        "test_words": json.dumps(letter_probe.test_words),
-        "words_dropped": str(letter_probe.words_dropped),
-    }
-    payload = save(letter_probe.tensors(), metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(payload))
-
-
-def load_letter_probe(path: Path) -> LetterProbe:
-    """Read what :func:`save_letter_probe` wrote."""
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata()
-    return LetterProbe(
-        json.loads(metadata["train_words"]),
-        json.loads(metadata["test_words"]),
-        words_dropped=int(metadata["words_dropped"]),
-        **load_file(path),
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# The evaluation
-# --------------------------------------------------------------------------------------------------
+from c2r.evaluation.first_letter_prompts import LETTERS, FirstLetterError
+from c2r.storage import content_key
 
 
 class FirstLetterEval:
@@ -361,8 +146,7 @@ class FirstLetterEval:
         }
 
     def probe_path(self) -> Path:
-        digest = hashlib.sha256(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:16]
-        return Path(self.source.cache_dir) / "probes" / f"first_letter_{digest}.safetensors"
+        return Path(self.source.cache_dir) / "probes" / f"first_letter_{content_key(self.cache_key())}.safetensors"
 
     def letter_probe(self) -> tuple[LetterProbe, bool]:
         """The cached probe and data, or new ones (then cached); also whether it came from the cache."""
