@@ -2,9 +2,10 @@
 
 A step is what training does: forward, every loss term (MSE, AuxK, C²R), backward, the decoder-gradient
 projection, Adam, decoder renormalisation. C²R is applied on every step (interval=1) so each timed step pays
-for it. For ``candidates`` (the default) the lists are refreshed once every ``refresh_every`` steps: that
-refresh is timed separately and amortised (median step + refresh / refresh_every); each timed step pays for
-re-ranking the lists.
+for it. For ``candidates`` (the default) each timed step pays for re-ranking the lists, every ``probe_every``-th
+one for the probe too (and for a repair when the probe asks for one), so steps are averaged, never the median;
+a full refresh of the lists is timed separately and amortised over ``refresh_every`` steps (mean step without a
+refresh + refresh / refresh_every), and the refreshes the probe asked for during the timed steps are counted.
 
     python benchmarks/c2r_overhead.py                       # CPU, F ∈ {4096, 16384, 65536}, d=576, B=2048, k=64
     python benchmarks/c2r_overhead.py --device cuda --d 2304 --sizes 65536   # GPU (bf16 autocast)
@@ -66,7 +67,7 @@ def time_step(built: tuple, x: torch.Tensor, step: int, autocast, device: torch.
 
 
 def time_modes(args: argparse.Namespace, dict_size: int, device: torch.device) -> list[dict]:
-    """Median step time of every mode at one dictionary size. The modes take turns step by step, so a change
+    """Mean step time of every mode at one dictionary size. The modes take turns step by step, so a change
     in background load (a shared machine) hits them all alike instead of biasing the ratios."""
     built = {mode: build(mode, args.d, dict_size, args.k, args.refresh_every, device) for mode in args.modes}
     x = torch.randn(args.batch, args.d, device=device) / args.d**0.5
@@ -82,7 +83,7 @@ def time_modes(args: argparse.Namespace, dict_size: int, device: torch.device) -
     for mode, (sae, regularizers, _) in built.items():
         timed = list(zip(times[mode][1:], refreshed[mode][1:]))
         result = {"mode": mode, "dict_size": dict_size, "step_times_s": [t for t, _ in timed],
-                  "all_steps_median_s": statistics.median(t for t, _ in timed)}
+                  "all_steps_mean_s": statistics.fmean(t for t, _ in timed)}
         if mode == "candidates":
             # The probe rebuilds the lists when it finds them stale, as often as the training dynamics need (a
             # random decoder's neighbourhoods are flat and flip at every step; a trained one's rarely): time a
@@ -94,12 +95,13 @@ def time_modes(args: argparse.Namespace, dict_size: int, device: torch.device) -
             synchronize(device)
             result["refresh_s"] = time.perf_counter() - started
             result["refreshed_steps"] = sum(rebuilt for _, rebuilt in timed)
-            result["median_step_s"] = statistics.median(plain) if plain else None
+            result["step_s"] = statistics.fmean(plain) if plain else None
+            result["repairs"] = regularizers["c2r"].repairs
             result["amortised_step_s"] = (
-                result["median_step_s"] + result["refresh_s"] / args.refresh_every if plain else result["all_steps_median_s"]
+                result["step_s"] + result["refresh_s"] / args.refresh_every if plain else result["all_steps_mean_s"]
             )
         else:
-            result["median_step_s"] = result["amortised_step_s"] = result["all_steps_median_s"]
+            result["step_s"] = result["amortised_step_s"] = result["all_steps_mean_s"]
         results.append(result)
     return results
 
@@ -117,7 +119,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after 1 warm-up)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration (after 1 warm-up)")
     parser.add_argument("--refresh-every", type=int, default=100)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None)
@@ -125,7 +127,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     rows = []
-    print(f"{'F':>7} {'search':>10} {'median s/step':>14} {'amortised':>10} {'× none':>7} {'rebuilt steps':>13}", flush=True)
+    print(f"{'F':>7} {'search':>10} {'mean s/step':>12} {'amortised':>10} {'× none':>7} {'rebuilt steps':>13} {'repairs':>7}", flush=True)
     for dict_size in args.sizes:
         results = time_modes(args, dict_size, device)
         baseline = next((r["amortised_step_s"] for r in results if r["mode"] == "none"), None)
@@ -134,10 +136,10 @@ def main() -> None:
             result.update(device=device.type, d=args.d, batch=args.batch, k=args.k, refresh_every=args.refresh_every)
             rows.append(result)
             ratio = f"{result['ratio_to_none']:.2f}" if baseline else "-"
-            median = f"{result['median_step_s']:.3f}" if result["median_step_s"] is not None else "-"
+            step = f"{result['step_s']:.3f}" if result["step_s"] is not None else "-"
             print(
-                f"{dict_size:>7} {result['mode']:>10} {median:>14} {result['amortised_step_s']:>10.3f} {ratio:>7} "
-                f"{result.get('refreshed_steps', ''):>13}",
+                f"{dict_size:>7} {result['mode']:>10} {step:>12} {result['amortised_step_s']:>10.3f} {ratio:>7} "
+                f"{result.get('refreshed_steps', ''):>13} {result.get('repairs', ''):>7}",
                 flush=True,
             )
 
