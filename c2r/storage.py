@@ -1,5 +1,5 @@
 """How c2r stores what it computes: files and folders replaced atomically, cache folders named by a content key of
-their settings, and seeds derived from several integers.
+their settings.
 
 Every file or folder c2r writes for later (shards, manifests, checkpoints, configs, metrics, caches) goes through
 :func:`atomic_path` (or :func:`atomic_write`, built on it), so a reader sees the old version or the complete new
@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-import numpy as np
 
 TMP_SUFFIX = ".tmp"
 T = TypeVar("T")
@@ -92,7 +91,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Content keys and derived seeds
+# Content keys
 # --------------------------------------------------------------------------------------------------
 
 
@@ -107,9 +106,3 @@ def digest(chunks: Iterable[bytes], length: int = 16) -> str:
 def content_key(settings: Mapping[str, Any], length: int = 16) -> str:
     """The cache key of ``settings`` (JSON, keys sorted): equal settings share a cache, different ones never do."""
     return digest([json.dumps(settings, sort_keys=True).encode("utf-8")], length)
-
-
-def derived_seed(*parts: int) -> int:
-    """A 64-bit seed from several integers, so streams such as ``(seed, shard)`` or ``(seed, epoch)`` never
-    overlap and nearby tuples give unrelated streams."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])

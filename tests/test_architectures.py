@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from c2r import load_sae
 from c2r.data import SyntheticShards
 from c2r.regularizers import Ortho, ortho_loss
-from c2r.regularizers.base import step_generator
+from c2r.seeds import stream_generator
 from c2r.sae import (
     BatchTopKSAE,
     GatedSAE,
@@ -336,7 +336,7 @@ def test_ortho_loss_matches_a_naive_loop(chunk_size, step):
     regularizer = Ortho(coef=0.25, chunk_size=chunk_size, seed=3)
     loss = regularizer(torch.randn(8, 40), rows, step)
 
-    perm = torch.randperm(40, generator=step_generator(3, step))
+    perm = torch.randperm(40, generator=stream_generator(3, "ortho.chunks", step))
     expected = naive_ortho(rows, perm, chunk_size)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     grad = torch.autograd.grad(loss, rows)[0]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from c2r.data.shards import Manifest, ShardEntry, ShardReader
 from c2r.data.sources import ShardSource
-from c2r.storage import derived_seed
+from c2r.seeds import stream_generator
 
 
 class BlockSampler(Sampler[int]):
@@ -64,8 +64,7 @@ class BlockSampler(Sampler[int]):
     def order(self, epoch: int) -> list[int]:
         """This rank's block indices for ``epoch``, in order (a pure function of ``seed`` and ``epoch``)."""
         if self.shuffle:
-            gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
-            order = torch.randperm(self.num_blocks, generator=gen)
+            order = torch.randperm(self.num_blocks, generator=stream_generator(self.seed, "data.order", epoch))
         else:
             order = torch.arange(self.num_blocks)
         return order[self.rank :: self.world_size][: len(self)].tolist()

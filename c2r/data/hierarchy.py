@@ -39,7 +39,7 @@ from torch import Tensor
 from c2r.data.shards import check_shard_split, shard_name
 from c2r.data.synthetic import FEATURES_FILE, GeneratedShards, check_magnitudes
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: streams named in c2r.seeds
 PARENTS_FILE = "parents.npy"
 GROUND_TRUTH_FILE = "ground_truth.json"
 

@@ -17,10 +17,10 @@ import torch
 
 from c2r.data.shards import ShardWriter, check_shard_split
 from c2r.data.sources import CachedShards, generate_once
-from c2r.storage import derived_seed
+from c2r.seeds import stream_generator
 
 # Bump when the generated numbers change for the same parameters, so old caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: streams named in c2r.seeds
 FEATURES_FILE = "features.npy"
 
 
@@ -60,9 +60,9 @@ class GeneratedShards(CachedShards):
         return min(self.rows_per_shard, self.rows - index * self.rows_per_shard)
 
     def features(self) -> torch.Tensor:
-        """The ground-truth dictionary ``[n_features, d]``, drawn once from the ``(seed, 0)`` stream."""
+        """The ground-truth dictionary ``[n_features, d]``, drawn once from the ``synthetic.features`` stream."""
         if self._features is None:
-            self._features = self._make_features(torch.Generator().manual_seed(derived_seed(self.seed, 0)))
+            self._features = self._make_features(stream_generator(self.seed, "synthetic.features"))
         return self._features
 
     @abstractmethod
@@ -71,10 +71,10 @@ class GeneratedShards(CachedShards):
 
     @abstractmethod
     def sample_shard(self, index: int) -> tuple[torch.Tensor, ...]:
-        """Rows of shard ``index``, ``x [n, d]`` first, from the shard's own ``(seed, 1, index)`` stream."""
+        """Rows of shard ``index``, ``x [n, d]`` first, from the shard's own ``synthetic.rows`` stream."""
 
     def _shard_generator(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(derived_seed(self.seed, 1, index))
+        return stream_generator(self.seed, "synthetic.rows", index)
 
     def _save_truth(self, directory: Path) -> None:
         """Save what is known about the whole directory beside the shards (by default the features)."""

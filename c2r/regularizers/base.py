@@ -32,10 +32,3 @@ class Regularizer(nn.Module):
         """The raw (unweighted) scalar penalty for the post-sparsity codes (dense ``[B, F]``, or their non-zero
         entries as :class:`~c2r.sae.SparseCodes` where the SAE selects them) and ``decoder_rows [F, d]``."""
         raise NotImplementedError
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, step)``: the same draws on every DDP rank and in a resumed run. The
-    CPU generator keeps only 32 bits of its seed; the odd multiplier keeps the steps of one run distinct and puts
-    runs with different seeds ~1e8+ steps apart."""
-    return torch.Generator().manual_seed((seed * 0x9E3779B9 + step) % 2**32)

@@ -39,8 +39,9 @@ from c2r.geometry import (
     top_candidates,
 )
 from c2r.sae.base import SparseCodes
+from c2r.seeds import stream_generator
 
-from .base import Regularizer, step_generator
+from .base import Regularizer
 
 NEIGHBOR_SEARCHES = ("exact", "chunked")
 """Stateless searches (:func:`find_neighbors`, :func:`c2r_loss`): "chunked" is the paper's, "exact" the global
@@ -51,9 +52,9 @@ C2R_NEIGHBOR_SEARCHES = ("candidates", *NEIGHBOR_SEARCHES)
 
 REFRESH_PRECISIONS = ("auto", "float32", "bfloat16")
 
-PROBE_STREAM, REPAIR_PROBE_STREAM = 1, 2
-"""Offsets from ``seed`` of the generators that draw the probe's latents, before and after a repair: independent
-samples, so the check after a repair is not the sample that found the misses."""
+PROBE_STREAM, REPAIR_PROBE_STREAM = "c2r.probe", "c2r.repair_probe"
+"""The streams that draw the probe's latents, before and after a repair: independent samples, so the check after a
+repair is not the sample that found the misses."""
 
 
 def _check_neighbor_search(neighbor_search: str, valid: tuple[str, ...] = NEIGHBOR_SEARCHES) -> None:
@@ -309,7 +310,7 @@ class C2R(Regularizer):
                     if self._too_many(self._probe_misses(decoder_rows, chosen, step, REPAIR_PROBE_STREAM)):
                         chosen = self.refresh(decoder_rows, step)
             return _same_on_all_ranks(chosen)
-        generator = step_generator(self.seed, step) if self.neighbor_search == "chunked" else None
+        generator = stream_generator(self.seed, "c2r.chunks", step) if self.neighbor_search == "chunked" else None
         return _same_on_all_ranks(
             find_neighbors(
                 decoder_rows, self.neighbor_search, chunk_size=self.chunk_size, generator=generator, tile_size=self.tile_size
@@ -343,11 +344,11 @@ class C2R(Regularizer):
         return best_candidates(decoder_rows, self.candidate_lists)
 
     @torch.no_grad()
-    def _probe_misses(self, decoder_rows: Tensor, chosen: Tensor, step: int, stream: int) -> Tensor:
+    def _probe_misses(self, decoder_rows: Tensor, chosen: Tensor, step: int, stream: str) -> Tensor:
         """The share of a random sample of latents (drawn from ``stream`` at ``step``: the same sample on every
         DDP rank) whose chosen neighbour is not the exact one, at O(probe_latents·F·d)."""
         count = decoder_rows.shape[0]
-        sample = torch.randperm(count, generator=step_generator(self.seed + stream, step))[: self.probe_latents]
+        sample = torch.randperm(count, generator=stream_generator(self.seed, stream, step))[: self.probe_latents]
         sample = sample.to(decoder_rows.device)
         exact = nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size, latents=sample)
         return _same_on_all_ranks((chosen[sample] != exact).float().mean())

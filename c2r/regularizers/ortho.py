@@ -16,8 +16,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from c2r.geometry import check_chunk_size, check_tile_size, nearest_neighbors_chunked
+from c2r.seeds import stream_generator
 
-from .base import Regularizer, step_generator
+from .base import Regularizer
 from .c2r import pair_similarity
 
 
@@ -55,7 +56,7 @@ class Ortho(Regularizer):
         return nearest_neighbors_chunked(
             decoder_rows,
             chunk_size=self.chunk_size,
-            generator=step_generator(self.seed, step),
+            generator=stream_generator(self.seed, "ortho.chunks", step),
             tile_size=self.tile_size,
         )
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from c2r.seeds import stream_generator
+
 ENCODER_DECODER = ("W_enc", "b_enc", "W_dec", "b_dec")  # the tensors every inference form holds
 
 LossTerms = dict[str, tuple[Tensor, float]]
@@ -86,8 +88,7 @@ class SparseAutoencoder(nn.Module):
         self.aux_coef = aux_coef
         self.dead_tokens = dead_tokens
 
-        generator = torch.Generator().manual_seed(seed)
-        decoder = torch.randn(dict_size, d_in, generator=generator)
+        decoder = torch.randn(dict_size, d_in, generator=stream_generator(seed, "sae.init"))
         decoder /= decoder.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(decoder)
         # Tied initialisation (encoder = decoderᵀ) starts every latent as a matched filter of its direction.
