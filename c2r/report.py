@@ -7,10 +7,11 @@ report writes into the sweep folder (or ``--out``):
 
 - ``report.csv`` and ``report.md``: one row per job: its settings (the swept keys plus architecture,
   regularizer, coef, dictionary size, k, seed), the final training metrics (``train.*``) and every scalar
-  of its evaluation (``<eval>.<metric>``, e.g. ``core.fvu``, ``ground_truth.absorption_fraction``);
+  of its evaluation (``<eval>.<metric>``, e.g. ``core.fvu``, ``ground_truth.absorption_fraction``), and its
+  cross-seed consistency (``consistency.*``) where the sweep has jobs that differ from it only in ``seed``;
 - ``report_pareto.png``: L0 vs FVU per regularizer setting, each with its Pareto front (lower-left is better);
-- ``report_coef.png``: regularizer coefficient vs each absorption / splitting metric, mean ± sd over seeds,
-  one line per remaining setting (architecture, dictionary size, k, ...).
+- ``report_coef.png``: regularizer coefficient vs each absorption / splitting / consistency metric, mean ± sd
+  over seeds, one line per remaining setting (architecture, dictionary size, k, ...).
 
 Re-running the report on a sweep in progress is safe: it only reads, and lists unfinished jobs as such."""
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import re
@@ -32,11 +34,11 @@ from typing import Any
 from omegaconf import DictConfig
 
 # The evaluation code (torch) and matplotlib are imported where they are used, so that --help comes at once.
-from c2r.run_folder import RUN_CONFIG, failure_of, is_training_config, load_run_config, load_run_hydra
+from c2r.run_folder import RUN_CONFIG, content_settings, failure_of, is_training_config, load_run_config, load_run_hydra
 
-COEF_METRICS = re.compile(r"^(?!.*_parents).*(absorption|splitting)")
+COEF_METRICS = re.compile(r"^(?!.*_parents).*(absorption|splitting)|^consistency\.")
 """Evaluation columns plotted against the coefficient: every absorption and splitting measure (not the counts
-of parents they were averaged over)."""
+of parents they were averaged over) and the cross-seed consistency."""
 SETTING_COLUMNS = ("model", "regularizer", "coef", "dict_size", "k", "seed", "train_tokens", "data")
 NOT_A_SERIES = {"coef", "seed"}
 """Settings that vary along a coefficient plot's x axis or are averaged over, never a line of their own."""
@@ -153,6 +155,46 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+# ---- cross-seed consistency ------------------------------------------------------------------------------------
+
+
+def seed_groups(jobs: Sequence[Job], sweep_dir: Path) -> list[list[Job]]:
+    """The finished jobs with an exported SAE (``<job>/sae``) grouped by every content setting of their config
+    but ``seed`` (:func:`c2r.run_folder.content_settings`: where they ran and what they logged do not count);
+    only groups with at least two seeds."""
+    groups: dict[str, list[Job]] = defaultdict(list)
+    for job in jobs:
+        path = sweep_dir / job.name
+        if job.finished and (path / "sae").is_dir():
+            settings = content_settings(load_run_config(path))
+            settings.pop("seed", None)
+            groups[repr(sorted(settings.items()))].append(job)
+    return [group for group in groups.values() if len({job.settings["seed"] for job in group}) > 1]
+
+
+def add_consistency(jobs: Sequence[Job], sweep_dir: Path) -> None:
+    """Add ``consistency.matched_share`` and ``consistency.mean_best_cosine`` to each job of a seed group: its
+    latents' best-match cosines in each other seed's decoder (:mod:`c2r.evaluation.consistency`), summarised per
+    other seed, then averaged over the other seeds. Each pair of seeds is searched once, for both directions."""
+    import torch
+
+    from c2r.evaluation.consistency import best_match_cosines, match_summary
+    from c2r.export import load_sae
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for group in seed_groups(jobs, sweep_dir):
+        decoders = [load_sae(sweep_dir / job.name / "sae").W_dec.to(device) for job in group]
+        summaries: dict[int, list[dict[str, float]]] = defaultdict(list)
+        for i, j in itertools.combinations(range(len(group)), 2):
+            if group[i].settings["seed"] != group[j].settings["seed"]:
+                best_i, best_j = best_match_cosines(decoders[i], decoders[j])
+                summaries[i].append(match_summary(best_i))
+                summaries[j].append(match_summary(best_j))
+        for i, against_others in summaries.items():
+            for name in against_others[0]:
+                group[i].metrics[f"consistency.{name}"] = statistics.fmean(s[name] for s in against_others)
+
+
 # ---- plots ---------------------------------------------------------------------------------------------------
 
 
@@ -256,9 +298,12 @@ def plot_coefficients(jobs: Sequence[Job], path: Path, metrics: Sequence[str] | 
     return save_figure(fig, path)
 
 
-def write_report(sweep_dir: Path, out_dir: Path | None = None, metrics: Sequence[str] | None = None) -> dict:
+def write_report(sweep_dir: Path, out_dir: Path | None = None, metrics: Sequence[str] | None = None,
+                 consistency: bool = True) -> dict:
     """Write the table and plots of the sweep in ``sweep_dir``; returns what was written and the job counts."""
     jobs, skipped = find_jobs(sweep_dir)
+    if consistency:
+        add_consistency(jobs, sweep_dir)
     out_dir = out_dir or sweep_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(jobs, out_dir / "report.csv", out_dir / "report.md")
@@ -282,9 +327,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep folder)")
     parser.add_argument("--metrics", nargs="+", default=None,
                         help="columns to plot against the coefficient (default: every absorption/splitting metric)")
+    parser.add_argument("--no-consistency", action="store_true",
+                        help="skip the cross-seed consistency (a search over every pair of seeds' decoders: "
+                        "minutes per pair on CPU at 65,536 latents)")
     args = parser.parse_args(argv)
     try:
-        summary = write_report(args.sweep_dir, args.out, args.metrics)
+        summary = write_report(args.sweep_dir, args.out, args.metrics, consistency=not args.no_consistency)
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
     print(f"{summary['finished']} of {summary['jobs']} jobs finished")

@@ -5,14 +5,19 @@ import json
 import statistics
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from c2r.evaluation import scalar_metrics
-from c2r.report import Job, coefficient_series, find_jobs, main, pareto_front, write_report
+from c2r.export import export_sae
+from c2r.report import COEF_METRICS, Job, coefficient_series, find_jobs, main, pareto_front, write_report
+from c2r.sae import TopKSAE
 
 
-def make_job(sweep, name, *, coef, seed, dict_size=64, k=4, fvu=0.5, l0=4.0, absorption=None, finished=True):
-    """A job folder as `python -m c2r.train -m` leaves it (the parts the report reads)."""
+def make_job(sweep, name, *, coef, seed, dict_size=64, k=4, fvu=0.5, l0=4.0, absorption=None, finished=True,
+             decoder=None):
+    """A job folder as `python -m c2r.train -m` leaves it (the parts the report reads); with ``decoder``
+    (``[dict_size, d]``) also its exported SAE."""
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
     config = {"dict_size": dict_size, "seed": seed, "train_tokens": 1000, "model": {"k": k},
@@ -29,6 +34,10 @@ def make_job(sweep, name, *, coef, seed, dict_size=64, k=4, fvu=0.5, l0=4.0, abs
         evaluation = {"evals": ["core", "ground_truth"], "core": {"fvu": fvu, "l0": l0, "settings": {"rows": 5}},
                       "ground_truth": {"summary": {"absorption_fraction": absorption}, "plots": ["x.png"]}}
         (job / "eval.json").write_text(json.dumps(evaluation))
+    if decoder is not None:
+        sae = TopKSAE(decoder.shape[1], dict_size, k=k)
+        sae.W_dec.data.copy_(decoder)
+        export_sae(sae, job / "sae", normalization_factor=2.0)  # scales every row alike: cosines unchanged
     return job
 
 
@@ -105,3 +114,31 @@ def test_report_can_write_elsewhere(tmp_path):
     summary = write_report(sweep, tmp_path / "out", metrics=["core.fvu"])
     assert summary["jobs"] == summary["finished"] == 1
     assert (tmp_path / "out" / "report.csv").is_file() and not (sweep / "report.csv").exists()
+
+
+def test_report_adds_cross_seed_consistency_to_jobs_that_differ_only_in_seed(tmp_path):
+    e = torch.eye(8)
+    decoders = {  # known best matches; e.g. seed 0 in seed 2: e0 → 1, e1 → 1, e2 → 0.6, e3 → 0
+        0: e[[0, 1, 2, 3]],
+        1: e[[1, 0, 3, 2]],  # seed 0's directions, permuted
+        2: torch.stack([e[0], e[1], e[4], 0.6 * e[2] + 0.8 * e[5]]),
+    }
+    sweep = tmp_path / "sweep"
+    for seed, decoder in decoders.items():
+        make_job(sweep, f"coef=0.0,seed={seed}", coef=0.0, seed=seed, dict_size=4, decoder=decoder)
+    make_job(sweep, "coef=0.3,seed=0", coef=0.3, seed=0, dict_size=4, decoder=decoders[0])  # no seed partner
+    make_job(sweep, "coef=0.3,seed=1", coef=0.3, seed=1, dict_size=4, finished=False)  # not trained yet
+
+    write_report(sweep)
+
+    with (sweep / "report.csv").open() as handle:
+        rows = {row["job"]: row for row in csv.DictReader(handle)}
+    numbers = {job: (row["consistency.matched_share"], row["consistency.mean_best_cosine"])
+               for job, row in rows.items()}
+    # seeds 0 and 1: share (1 + 0.5) / 2, mean cosine (1 + 0.65) / 2; seed 2: 0.5 and 0.65 against either
+    for seed, (share, mean) in {0: (0.75, 0.825), 1: (0.75, 0.825), 2: (0.5, 0.65)}.items():
+        got = numbers[f"coef=0.0,seed={seed}"]
+        assert (float(got[0]), float(got[1])) == pytest.approx((share, mean))
+    assert numbers["coef=0.3,seed=0"] == numbers["coef=0.3,seed=1"] == ("", "")
+    assert COEF_METRICS.search("consistency.matched_share")  # plotted against the coefficient by default
+    assert (sweep / "report_coef.png").read_bytes().startswith(b"\x89PNG")
