@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 # The evaluation code (torch) and matplotlib are imported where they are used, so that --help comes at once.
 from c2r.run_folder import RUN_CONFIG, content_settings, failure_of, is_training_config, load_run_config, load_run_hydra
@@ -160,15 +160,18 @@ def _cell(value: Any) -> str:
 
 def seed_groups(jobs: Sequence[Job], sweep_dir: Path) -> list[list[Job]]:
     """The finished jobs with an exported SAE (``<job>/sae``) grouped by every content setting of their config
-    but ``seed`` (:func:`c2r.run_folder.content_settings`: where they ran and what they logged do not count);
-    only groups with at least two seeds."""
+    but ``seed`` (:func:`c2r.run_folder.content_settings`: where they ran and what they logged do not count)
+    and by their data settings resolved, so that jobs whose data follow the seed (the synthetic sources'
+    ``seed: ${seed}``) are not compared: they trained on different data. Only groups with at least two seeds."""
     groups: dict[str, list[Job]] = defaultdict(list)
     for job in jobs:
         path = sweep_dir / job.name
         if job.finished and (path / "sae").is_dir():
-            settings = content_settings(load_run_config(path))
+            config = load_run_config(path)
+            settings = content_settings(config)
             settings.pop("seed", None)
-            groups[repr(sorted(settings.items()))].append(job)
+            data = OmegaConf.to_container(config.data, resolve=True) if "data" in config else None
+            groups[repr((sorted(settings.items()), data))].append(job)
     return [group for group in groups.values() if len({job.settings["seed"] for job in group}) > 1]
 
 

@@ -15,13 +15,13 @@ from c2r.sae import TopKSAE
 
 
 def make_job(sweep, name, *, coef, seed, dict_size=64, k=4, fvu=0.5, l0=4.0, absorption=None, finished=True,
-             decoder=None):
+             decoder=None, data=None):
     """A job folder as `python -m c2r.train -m` leaves it (the parts the report reads); with ``decoder``
-    (``[dict_size, d]``) also its exported SAE."""
+    (``[dict_size, d]``) also its exported SAE; ``data``: the config's data settings."""
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
     config = {"dict_size": dict_size, "seed": seed, "train_tokens": 1000, "model": {"k": k},
-              "regularizer": {"coef": coef}}
+              "regularizer": {"coef": coef}, **({"data": data} if data else {})}
     OmegaConf.save(config, job / ".hydra" / "config.yaml")
     hydra = {"hydra": {"runtime": {"choices": {"model": "topk", "regularizer": "c2r", "data": "synthetic"}},
                        "overrides": {"task": [f"regularizer.coef={coef}", f"seed={seed}", "hardware=cpu",
@@ -128,6 +128,9 @@ def test_report_adds_cross_seed_consistency_to_jobs_that_differ_only_in_seed(tmp
         make_job(sweep, f"coef=0.0,seed={seed}", coef=0.0, seed=seed, dict_size=4, decoder=decoder)
     make_job(sweep, "coef=0.3,seed=0", coef=0.3, seed=0, dict_size=4, decoder=decoders[0])  # no seed partner
     make_job(sweep, "coef=0.3,seed=1", coef=0.3, seed=1, dict_size=4, finished=False)  # not trained yet
+    for seed in (0, 1):  # each seed draws its own data (the synthetic sources' default): not comparable
+        make_job(sweep, f"coef=1.0,seed={seed}", coef=1.0, seed=seed, dict_size=4, decoder=decoders[seed],
+                 data={"source": {"seed": "${seed}"}})
 
     write_report(sweep)
 
@@ -139,6 +142,6 @@ def test_report_adds_cross_seed_consistency_to_jobs_that_differ_only_in_seed(tmp
     for seed, (share, mean) in {0: (0.75, 0.825), 1: (0.75, 0.825), 2: (0.5, 0.65)}.items():
         got = numbers[f"coef=0.0,seed={seed}"]
         assert (float(got[0]), float(got[1])) == pytest.approx((share, mean))
-    assert numbers["coef=0.3,seed=0"] == numbers["coef=0.3,seed=1"] == ("", "")
+    assert numbers["coef=0.3,seed=0"] == numbers["coef=0.3,seed=1"] == numbers["coef=1.0,seed=0"] == ("", "")
     assert COEF_METRICS.search("consistency.matched_share")  # plotted against the coefficient by default
     assert (sweep / "report_coef.png").read_bytes().startswith(b"\x89PNG")
