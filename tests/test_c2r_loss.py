@@ -208,7 +208,7 @@ def test_defaults():
     module = C2R()
     assert module.schedule == Schedule(coef=5.0, interval=5) and module.alpha == 1.0
     assert module.neighbor_search == "candidates" and module.candidates == 16 and module.refresh_every == 100
-    assert module.probe_latents == 512 and module.probe_every == 2 and module.target_agreement == 0.99
+    assert module.probe_latents == 512 and module.probe_every == 1 and module.target_agreement == 0.99
     assert module.chunk_size == 8192 and module.audit_every == 0
 
 

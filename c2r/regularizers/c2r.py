@@ -243,7 +243,7 @@ class C2R(Regularizer):
         candidates: int = 16,
         refresh_every: int = 100,
         probe_latents: int = 512,
-        probe_every: int = 2,
+        probe_every: int = 1,
         target_agreement: float = 0.99,
         refresh_precision: str = "auto",
         chunk_size: int = 8192,
