@@ -96,16 +96,17 @@ class SAEModule(L.LightningModule):
         self.log("losses/overall_loss", loss, prog_bar=True)
         self.log_regularizer_metrics()
 
-        fired = (out.acts != 0).any(dim=0)
-        fired = self.trainer.strategy.reduce(fired.float(), reduce_op="sum") > 0
+        fired = self.trainer.strategy.reduce((out.firing_counts() > 0).float(), reduce_op="sum") > 0
         global_batch = batch.shape[0] * self.trainer.world_size
         self.sae.update_firing(fired, global_batch)
         self.tokens_seen += global_batch
         self.log("details/n_training_tokens", self.tokens_seen.float())
         dead = self.sae.dead_mask()
-        metrics = batch_metrics(batch, out.recon, out.acts)
-        self.log("metrics/l0", metrics["l0"], prog_bar=True, sync_dist=True)
-        self.log("metrics/explained_variance", metrics["explained_variance"], prog_bar=True, sync_dist=True)
+        # This rank's rows only: a per-step all-reduce would cost more than the metric is worth (validation gives
+        # the exact all-rank values).
+        metrics = batch_metrics(batch, out.recon, out.codes)
+        self.log("metrics/l0", metrics["l0"], prog_bar=True)
+        self.log("metrics/explained_variance", metrics["explained_variance"], prog_bar=True)
         self.log("sparsity/dead_features", dead.sum().float())
         self.log("sparsity/dead_fraction", dead.float().mean())
         self.log("details/lr", self.optimizers().param_groups[0]["lr"])
@@ -126,8 +127,8 @@ class SAEModule(L.LightningModule):
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         out = self.sae.forward_pass(batch)  # the trained form: no step, so k annealing is over
-        self.val_stats.update(batch, out.recon, out.acts)
-        fired = (out.acts != 0).sum(dim=0)
+        self.val_stats.update(batch, out.recon, out.codes)
+        fired = out.firing_counts()
         self.val_firing_counts = fired if self.val_firing_counts is None else self.val_firing_counts + fired
 
     def on_validation_epoch_end(self) -> None:
