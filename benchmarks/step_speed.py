@@ -42,7 +42,7 @@ def c2r_worker(args: argparse.Namespace) -> None:
 
     from c2r.regularizers import C2R
     from c2r.sae import BatchTopKSAE, TopKSAE
-    from c2r.step import apply_gradients, loss_terms, total_loss
+    from c2r.step import train_step
 
     sys.path.insert(0, str(HERE))
     from step_worker import serve
@@ -55,20 +55,8 @@ def c2r_worker(args: argparse.Namespace) -> None:
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     x = torch.randn(args.batch, args.d, device=device) / args.d**0.5
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
-    step = 0
-
-    def train_step() -> None:
-        nonlocal step
-        with autocast():
-            terms, out = loss_terms(sae, regularizers, x, step)
-            loss = total_loss(terms)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        apply_gradients(sae, optimizer)
-        sae.update_firing(out.firing_counts() > 0, x.shape[0])
-        step += 1
-
-    serve(train_step, device)
+    steps = iter(range(10**9))
+    serve(lambda: train_step(sae, regularizers, optimizer, x, next(steps), autocast), device)
 
 
 def shape_args(args: argparse.Namespace) -> list[str]:
