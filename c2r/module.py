@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from c2r.metrics import ReconstructionStats, batch_metrics
 from c2r.regularizers import Regularizer
-from c2r.sae import SparseAutoencoder
+from c2r.sae import SAEOutput, SparseAutoencoder
+from c2r.sae.base import LossTerms
 from c2r.step import loss_terms, total_loss
 
 
@@ -90,27 +91,36 @@ class SAEModule(L.LightningModule):
         self.wall_time_s.fill_(self._wall_time_before_launch + time.time() - self.launch_time)
         terms, out = loss_terms(self.sae, self.regularizers, batch, self.global_step)
         loss = total_loss(terms)
+        fired = self.trainer.strategy.reduce((out.firing_counts() > 0).float(), reduce_op="sum") > 0
+        global_batch = batch.shape[0] * self.trainer.world_size
+        self.sae.update_firing(fired, global_batch)
+        self.tokens_seen += global_batch
+        if self.writes_logs():
+            self.log_step(batch, loss, terms, out)
+        return {"loss": loss, "terms": {name: value.detach() for name, (value, _) in terms.items()}}
+
+    def writes_logs(self) -> bool:
+        """Whether the logger writes this training step (Lightning's rule: every ``log_every_n_steps``-th step,
+        or when the trainer stops early). Only then is anything logged: each ``self.log`` costs host time, and a Python number a
+        host-to-device copy, which waits for the GPU."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.should_stop
+
+    def log_step(self, batch: Tensor, loss: Tensor, terms: LossTerms, out: SAEOutput) -> None:
+        """Every term raw and weighted, the batch's metrics (this rank's rows: an all-reduce per logged step
+        would cost more than it says; validation gives the all-rank values), dead latents and the schedule."""
         for name, (value, weight) in terms.items():
             self.log(f"losses/{name}", value)
             self.log(f"losses/{name}_weighted", weight * value)
         self.log("losses/overall_loss", loss, prog_bar=True)
         self.log_regularizer_metrics()
-
-        fired = self.trainer.strategy.reduce((out.firing_counts() > 0).float(), reduce_op="sum") > 0
-        global_batch = batch.shape[0] * self.trainer.world_size
-        self.sae.update_firing(fired, global_batch)
-        self.tokens_seen += global_batch
         self.log("details/n_training_tokens", self.tokens_seen.float())
-        dead = self.sae.dead_mask()
-        # This rank's rows only: a per-step all-reduce would cost more than the metric is worth (validation gives
-        # the exact all-rank values).
         metrics = batch_metrics(batch, out.recon, out.codes)
         self.log("metrics/l0", metrics["l0"], prog_bar=True)
         self.log("metrics/explained_variance", metrics["explained_variance"], prog_bar=True)
+        dead = self.sae.dead_mask()
         self.log("sparsity/dead_features", dead.sum().float())
         self.log("sparsity/dead_fraction", dead.float().mean())
         self.log("details/lr", self.optimizers().param_groups[0]["lr"])
-        return {"loss": loss, "terms": {name: value.detach() for name, (value, _) in terms.items()}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.sae.remove_parallel_gradient()

@@ -198,10 +198,10 @@ class SparseAutoencoder(nn.Module):
         """``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` detached: the core of every inference form."""
         return {name: getattr(self, name).detach() for name in ENCODER_DECODER}
 
-    def pre_acts_at(self, x: Tensor, out: SAEOutput, rows: Tensor, latents: Tensor) -> Tensor:
-        """The pre-activations ``out.pre_acts[rows, latents]``, differentiable; the k-sparse architectures, whose
+    def pre_acts_at(self, x: Tensor, pre_acts: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
+        """``pre_acts[rows, latents]`` of the input ``x``, differentiable; the k-sparse architectures, whose
         ``pre_acts`` carry no graph, return them through the sparse encoder backward."""
-        return out.pre_acts[rows, latents]
+        return pre_acts[rows, latents]
 
     def auxk_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
         """Reconstruct the residual with the top ``aux_k`` dead latents of each row (Gao et al. 2024), normalised
@@ -218,7 +218,7 @@ class SparseAutoencoder(nn.Module):
         rows = torch.arange(batch, device=x.device).repeat_interleave(self.aux_k)
         latents = latents.flatten()
         # Rows with fewer than aux_k dead latents also pick live ones: those entries are zeroed.
-        values = torch.where(dead[latents], self.pre_acts_at(x, out, rows, latents).relu(), 0.0)
+        values = torch.where(dead[latents], self.pre_acts_at(x, out.pre_acts, rows, latents).relu(), 0.0)
         aux_recon = sparse.decode(rows, latents, values, batch, self.W_dec)
         residual = (x - out.recon).detach()
         denominator = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)

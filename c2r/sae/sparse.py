@@ -69,8 +69,8 @@ class _EntriesOfPreActs(torch.autograd.Function):
 def _transposed_sparse(rows: Tensor, latents: Tensor, values: Tensor, n_rows: int, n_latents: int) -> Tensor:
     """The ``[F, B]`` sparse matrix with ``values`` at ``(latents, rows)`` (CSR: a latent's entries together)."""
     order = latents.argsort()
-    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=latents.device)
-    crow[1:] = torch.bincount(latents, minlength=n_latents).cumsum(0)
+    # crow[i]: the number of entries of latents < i (searchsorted, unlike bincount, reads nothing back on CUDA).
+    crow = torch.searchsorted(latents[order], torch.arange(n_latents + 1, device=latents.device))
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, rows[order], values[order], (n_latents, n_rows), check_invariants=False)

@@ -61,16 +61,12 @@ class KSparseAutoencoder(SparseAutoencoder):
         with torch.no_grad():
             pre_acts = self.pre_activations(x)
         rows, latents = self.select(pre_acts, self.current_k(step))
-        values = sparse.entries_of_pre_acts(x, self.b_dec, self.W_enc, self.b_enc, pre_acts, rows, latents).relu()
-        codes = SparseCodes(rows, latents, values, x.shape[0], self.dict_size)
-        return SAEOutput(pre_acts, self.decode_entries(codes), sparse=codes)
+        values = self.pre_acts_at(x, pre_acts, rows, latents).relu()
+        recon = sparse.decode(rows, latents, values, x.shape[0], self.W_dec) + self.b_dec
+        return SAEOutput(pre_acts, recon, sparse=SparseCodes(rows, latents, values, x.shape[0], self.dict_size))
 
-    def decode_entries(self, codes: SparseCodes) -> Tensor:
-        """``decode`` of the dense codes, from their entries."""
-        return sparse.decode(codes.rows, codes.latents, codes.values, codes.batch_size, self.W_dec) + self.b_dec
-
-    def pre_acts_at(self, x: Tensor, out: SAEOutput, rows: Tensor, latents: Tensor) -> Tensor:
-        return sparse.entries_of_pre_acts(x, self.b_dec, self.W_enc, self.b_enc, out.pre_acts, rows, latents)
+    def pre_acts_at(self, x: Tensor, pre_acts: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
+        return sparse.entries_of_pre_acts(x, self.b_dec, self.W_enc, self.b_enc, pre_acts, rows, latents)
 
     def current_k(self, step: int | None = None) -> int:
         """The number of active latents per row at training ``step``; ``k`` for the trained SAE (``None``)."""
