@@ -56,7 +56,10 @@ def c2r_worker(args: argparse.Namespace) -> None:
     x = torch.randn(args.batch, args.d, device=device) / args.d**0.5
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
     steps = iter(range(10**9))
-    serve(lambda: train_step(sae, regularizers, optimizer, x, next(steps), autocast), device)
+    # How often C²R's probe rebuilt its candidate lists: on random data and a fresh decoder nearly every step,
+    # in real training every ~15-60 steps (README, C²R), so the "+ C²R" rows are an upper bound.
+    info = (lambda: {"c2r_refreshes": regularizers["c2r"].refreshes}) if args.c2r else dict
+    serve(lambda: train_step(sae, regularizers, optimizer, x, next(steps), autocast), device, info)
 
 
 def shape_args(args: argparse.Namespace) -> list[str]:
@@ -84,24 +87,29 @@ def start_workers(args: argparse.Namespace) -> dict[tuple[str, str], subprocess.
             for key, command in commands.items()}
 
 
-def take_turns(workers: dict, args: argparse.Namespace) -> dict[tuple[str, str], dict]:
-    """Each worker runs ``--steps-per-turn`` steps in turn, ``--turns`` times after one warm-up turn."""
-    times = {key: [] for key in workers}
-    peaks = {}
-    for turn in range(args.turns + 1):
+def take_turns(workers: dict, args: argparse.Namespace, turns: int, times: dict, replies: dict) -> None:
+    """Each worker runs ``--steps-per-turn`` timed steps in turn, ``turns`` times; adds to ``times`` and keeps
+    each worker's last reply. The first turn of a run is a warm-up (one step, not timed)."""
+    first_call = not replies
+    for turn in range(turns + first_call):
+        warm_up = first_call and turn == 0
         for key, worker in workers.items():
-            worker.stdin.write(f"{args.steps_per_turn if turn else 1}\n")
+            worker.stdin.write(f"{1 if warm_up else args.steps_per_turn}\n")
             worker.stdin.flush()
-            reply = json.loads(worker.stdout.readline())
-            if turn:
-                times[key] += reply["times"]
-            peaks[key] = reply["peak_bytes"]
-    for worker in workers.values():
-        worker.stdin.close()
-        worker.wait()
-    return {key: {"median_step_s": statistics.median(times[key]), "step_times_s": times[key],
-                  "tokens_per_second": args.batch / statistics.median(times[key]), "peak_bytes": peaks[key]}
-            for key in workers}
+            replies[key] = json.loads(worker.stdout.readline())
+            if not warm_up:
+                times.setdefault(key, []).extend(replies[key]["times"])
+        print(f"turn {turn} done{' (warm-up)' if warm_up else ''}", file=sys.stderr, flush=True)
+
+
+def summarise(times: dict, replies: dict, batch: int) -> dict[tuple[str, str], dict]:
+    results = {}
+    for key, step_times in times.items():
+        median = statistics.median(step_times)
+        extra = {name: value for name, value in replies[key].items() if name != "times"}  # peak memory, ...
+        results[key] = {"median_step_s": median, "step_times_s": step_times, "tokens_per_second": batch / median,
+                        **extra}
+    return results
 
 
 def end_to_end(args: argparse.Namespace) -> float:
@@ -139,7 +147,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (both trainers)")
-    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--steps-per-turn", type=int, default=2)
     parser.add_argument("--end-to-end", action="store_true", help="also time python -m c2r.train")
     parser.add_argument("--saelens", default="/work/venvs/saelens/bin/python", help="SAELens's interpreter")
@@ -153,8 +161,17 @@ def main() -> None:
     args.saelens_ok = saelens_available(args.saelens)
     if not args.saelens_ok:
         print(f"SAELens skipped: {args.saelens} cannot import sae_lens (see saelens_step.py to install it)")
-    results = take_turns(start_workers(args), args)
+    workers = start_workers(args)
+    times, replies = {}, {}
+    # With --end-to-end the training run sits between two halves of the turns, so that it meets the same load.
+    first = (args.turns + 1) // 2 if args.end_to_end else args.turns
+    take_turns(workers, args, first, times, replies)
     e2e = end_to_end(args) if args.end_to_end else None
+    take_turns(workers, args, args.turns - first, times, replies)
+    for worker in workers.values():
+        worker.stdin.close()
+        worker.wait()
+    results = summarise(times, replies, args.batch)
 
     rows = []
     print(f"{'arch':>10} {'trainer':>10} {'ms/step':>9} {'tokens/s':>9} {'× SAELens':>9} {'peak MiB':>9}")

@@ -8,7 +8,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -19,10 +19,10 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def serve(step: Callable[[], None], device: torch.device) -> None:
-    """Per line ``n`` on stdin: run ``n`` timed steps, print ``{"times": [...], "peak_bytes": ...}``. Peak
-    memory is CUDA's peak allocation, or on CPU the peak resident memory above what the process held before its
-    first step (the model and optimiser built, nothing else)."""
+def serve(step: Callable[[], None], device: torch.device, info: Callable[[], Mapping] = dict) -> None:
+    """Per line ``n`` on stdin: run ``n`` timed steps, print ``{"times": [...], "peak_bytes": ..., **info()}``.
+    Peak memory is CUDA's peak allocation, or on CPU the peak resident memory above what the process held before
+    its first step (the model and optimiser built, nothing else)."""
     baseline = rss_bytes()
     for line in sys.stdin:
         times = []
@@ -38,4 +38,4 @@ def serve(step: Callable[[], None], device: torch.device) -> None:
             peak = torch.cuda.max_memory_allocated(device)
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-        print(json.dumps({"times": times, "peak_bytes": peak}), flush=True)
+        print(json.dumps({"times": times, "peak_bytes": peak, **info()}), flush=True)
