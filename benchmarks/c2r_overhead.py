@@ -28,7 +28,7 @@ import torch
 
 from c2r.regularizers import C2R
 from c2r.sae import TopKSAE
-from c2r.step import train_step
+from c2r.step import adam, train_step
 
 MODES = ("none", "chunked", "exact", "candidates")
 RESULTS = Path(__file__).parent / "results"
@@ -44,7 +44,7 @@ def build(mode: str, d: int, dict_size: int, k: int, refresh_every: int, device:
     regularizers = {} if mode == "none" else {
         "c2r": C2R(coef=1.0, interval=1, neighbor_search=mode, refresh_every=refresh_every).to(device)
     }
-    return sae, regularizers, torch.optim.Adam(sae.parameters(), lr=1e-4)
+    return sae, regularizers, adam(sae, lr=1e-4)
 
 
 def time_step(built: tuple, x: torch.Tensor, step: int, autocast, device: torch.device) -> float:

@@ -42,7 +42,7 @@ def c2r_worker(args: argparse.Namespace) -> None:
 
     from c2r.regularizers import C2R
     from c2r.sae import BatchTopKSAE, TopKSAE
-    from c2r.step import train_step
+    from c2r.step import adam, train_step
 
     sys.path.insert(0, str(HERE))
     from step_worker import serve
@@ -52,7 +52,7 @@ def c2r_worker(args: argparse.Namespace) -> None:
     cls = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}[args.architecture]
     sae = cls(args.d, args.dict_size, k=args.k, seed=0).to(device)
     regularizers = {"c2r": C2R(coef=1.0, interval=1).to(device)} if args.c2r else {}
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    optimizer = adam(sae, lr=1e-4)
     x = torch.randn(args.batch, args.d, device=device) / args.d**0.5
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
     steps = iter(range(10**9))

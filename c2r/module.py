@@ -19,7 +19,7 @@ from c2r.metrics import ReconstructionStats, batch_metrics
 from c2r.regularizers import Regularizer
 from c2r.sae import SAEOutput, SparseAutoencoder
 from c2r.sae.base import LossTerms
-from c2r.step import loss_terms, total_loss
+from c2r.step import adam, loss_terms, total_loss
 
 
 # Validation sums are all-reduced by hand (exact FVU over all ranks), so Lightning's advice to sync is moot.
@@ -55,6 +55,7 @@ class SAEModule(L.LightningModule):
         self.val_stats = ReconstructionStats()
         self.val_firing_counts: Tensor | None = None
         self.val_firing_frequency: Tensor | None = None  # [F], over the last validation pass (all ranks)
+        self.latest_terms: LossTerms = {}
         # Checkpointed with the weights (also the only progress a ddp_spawn run hands back to its parent).
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         # Seconds of training over all launches (checkpointed, so a resumed run's wall time is cumulative). Each
@@ -95,8 +96,11 @@ class SAEModule(L.LightningModule):
         global_batch = batch.shape[0] * self.trainer.world_size
         self.sae.update_firing(fired, global_batch)
         self.tokens_seen += global_batch
+        # Each term's latest value: a scheduled term (C²R every interval-th step) logs its last value on the
+        # logging steps that skip it.
+        self.latest_terms.update({name: (value.detach(), weight) for name, (value, weight) in terms.items()})
         if self.writes_logs():
-            self.log_step(batch, loss, terms, out)
+            self.log_step(batch, loss, out)
         return {"loss": loss, "terms": {name: value.detach() for name, (value, _) in terms.items()}}
 
     def writes_logs(self) -> bool:
@@ -105,10 +109,10 @@ class SAEModule(L.LightningModule):
         host-to-device copy, which waits for the GPU."""
         return (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.should_stop
 
-    def log_step(self, batch: Tensor, loss: Tensor, terms: LossTerms, out: SAEOutput) -> None:
+    def log_step(self, batch: Tensor, loss: Tensor, out: SAEOutput) -> None:
         """Every term raw and weighted, the batch's metrics (this rank's rows: an all-reduce per logged step
         would cost more than it says; validation gives the all-rank values), dead latents and the schedule."""
-        for name, (value, weight) in terms.items():
+        for name, (value, weight) in self.latest_terms.items():
             self.log(f"losses/{name}", value)
             self.log(f"losses/{name}_weighted", weight * value)
         self.log("losses/overall_loss", loss, prog_bar=True)
@@ -151,7 +155,7 @@ class SAEModule(L.LightningModule):
         self.val_firing_frequency = counts / sums[0]
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.betas)
+        optimizer = adam(self.sae, self.lr, self.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
