@@ -29,7 +29,8 @@ export WANDB_MODE=disabled
 
 note() { echo "$*" | tee -a "$STATUS"; }
 
-# part NAME SECONDS COMMAND...: run one part with a time limit, its output in $OUT/NAME.log; never stops the script.
+# part NAME SECONDS COMMAND...: run one part with a time limit, its output in $OUT/NAME.log; never stops the script
+# (a shell function runs as `bash -c function`, exported).
 part() {
     local name=$1 seconds=$2
     shift 2
@@ -48,12 +49,15 @@ has_cuda_torch() { "$1" -c "import torch, sys; sys.exit(0 if torch.cuda.is_avail
 setup_c2r() {
     [ -x .venv/bin/python ] || python3 -m venv .venv
     if ! has_cuda_torch .venv/bin/python; then
+        .venv/bin/pip uninstall -q -y torch 2>/dev/null  # a CPU build satisfies torch==X too: remove it first
         if [ -n "${C2R_WHEELHOUSE:-}" ]; then .venv/bin/pip install -q "torch==$TORCH_VERSION"
         else .venv/bin/pip install -q "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX"; fi
     fi
     bash scripts/setup.sh && has_cuda_torch .venv/bin/python
 }
-if ! part setup_c2r 240 setup_c2r; then
+export TORCH_VERSION TORCH_INDEX
+export -f has_cuda_torch setup_c2r
+if ! part setup_c2r 240 bash -c setup_c2r; then
     note "c2r's venv has no CUDA torch (offline? set C2R_WHEELHOUSE): nothing else can run"
     exit 1
 fi
@@ -69,7 +73,9 @@ setup_saelens() {
     else "$venv/bin/pip" install -q "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX" || return 1; fi
     "$venv/bin/pip" install -q sae-lens && "$SAELENS_PYTHON" -c "import sae_lens"
 }
-part setup_saelens 150 setup_saelens || note "SAELens unavailable (no internet and no C2R_WHEELHOUSE?): the step benchmark runs c2r alone"
+export SAELENS_PYTHON
+export -f setup_saelens
+part setup_saelens 150 bash -c setup_saelens || note "SAELens unavailable (no internet and no C2R_WHEELHOUSE?): the step benchmark runs c2r alone"
 
 SHAPES=(--device cuda --d 2304 --dict-size 65536 --k 80 --batch 2048 --bf16)
 part step_speed 210 .venv/bin/python benchmarks/step_speed.py "${SHAPES[@]}" --end-to-end \
@@ -78,10 +84,10 @@ part c2r_overhead 90 .venv/bin/python benchmarks/c2r_overhead.py --device cuda -
     --out "$OUT/c2r_overhead_cuda.json"
 
 TRAIN=(data=synthetic logger=csv evaluation=null data.d_in=2304 dict_size=65536 model.k=80 batch_size=2048
-       train_tokens=102400 data.source.rows=196608 data.source.rows_per_shard=32768 trainer.val_check_interval=50
+       train_tokens=61440 data.source.rows=98304 data.source.rows_per_shard=16384 trainer.val_check_interval=1000
        regularizer=c2r "cache_dir=$OUT/cache")
-part train_gpu 90 .venv/bin/python -m c2r.train hardware=gpu "${TRAIN[@]}" "hydra.run.dir=$OUT/train_gpu"
-part train_ddp 90 .venv/bin/python -m c2r.train hardware=ddp hardware.devices=1 "${TRAIN[@]}" "hydra.run.dir=$OUT/train_ddp"
+part train_gpu 120 .venv/bin/python -m c2r.train hardware=gpu "${TRAIN[@]}" "hydra.run.dir=$OUT/train_gpu"
+part train_ddp 120 .venv/bin/python -m c2r.train hardware=ddp hardware.devices=1 "${TRAIN[@]}" "hydra.run.dir=$OUT/train_ddp"
 # End-to-end tokens/s of the two training runs (their logged details/tokens_per_second, median).
 for run in train_gpu train_ddp; do
     .venv/bin/python - "$OUT/$run" <<'PY' | tee -a "$STATUS"
