@@ -67,10 +67,19 @@ def shape_args(args: argparse.Namespace) -> list[str]:
             f"--device={args.device}", f"--threads={args.threads}", *(["--bf16"] if args.bf16 else [])]
 
 
-def saelens_available(python: str) -> bool:
+def saelens_version(python: str) -> str | None:
+    """SAELens's version under ``python``, or None where it cannot be imported."""
     if not Path(python).exists():
-        return False
-    return subprocess.run([python, "-c", "import sae_lens"], capture_output=True).returncode == 0
+        return None
+    found = subprocess.run([python, "-c", "import sae_lens; print(sae_lens.__version__)"], capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
 
 
 def start_workers(args: argparse.Namespace) -> dict[tuple[str, str], subprocess.Popen]:
@@ -158,7 +167,8 @@ def main() -> None:
     if args.worker:
         return c2r_worker(args)
 
-    args.saelens_ok = saelens_available(args.saelens)
+    args.saelens_version = saelens_version(args.saelens)
+    args.saelens_ok = args.saelens_version is not None
     if not args.saelens_ok:
         print(f"SAELens skipped: {args.saelens} cannot import sae_lens (see saelens_step.py to install it)")
     workers = start_workers(args)
@@ -190,10 +200,10 @@ def main() -> None:
 
     import torch
 
-    machine = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+    machine = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
                "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": args.threads}
     config = {"d": args.d, "dict_size": args.dict_size, "k": args.k, "batch": args.batch, "bf16": args.bf16,
-              "c2r": "interval=1, default (candidates, probe-refreshed)", "saelens": args.saelens_ok}
+              "c2r": "interval=1, default (candidates, probe-refreshed)", "saelens": args.saelens_version}
     out = args.out or RESULTS / f"step_speed_{torch.device(args.device).type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "config": config, "results": rows,

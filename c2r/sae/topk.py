@@ -17,6 +17,9 @@ class KSparseAutoencoder(SparseAutoencoder):
     (``round(k_start + (k - k_start) · min(1, t / k_anneal_steps))`` at the training step t that
     ``forward_pass`` is given), then stays at ``k``. Starting dense eases early optimisation and leaves fewer dead
     latents. Without a step (``encode``, validation, export) the SAE is the trained one: ``k`` active latents.
+
+    ``forward_pass`` is sparse: after the dense encoder forward, everything (decoding, AuxK, C²R, the backward)
+    runs on the B·k kept entries (:mod:`c2r.sae.sparse`). An architecture implements ``select``.
     """
 
     def __init__(
