@@ -108,7 +108,8 @@ def take_turns(workers: dict, args: argparse.Namespace, turns: int, times: dict,
             replies[key] = json.loads(worker.stdout.readline())
             if not warm_up:
                 times.setdefault(key, []).extend(replies[key]["times"])
-        print(f"turn {turn} done{' (warm-up)' if warm_up else ''}", file=sys.stderr, flush=True)
+        timed_turns = len(next(iter(times.values()), [])) // args.steps_per_turn
+        print("warm-up done" if warm_up else f"{timed_turns}/{args.turns} turns done", file=sys.stderr, flush=True)
 
 
 def summarise(times: dict, replies: dict, batch: int) -> dict[tuple[str, str], dict]:
