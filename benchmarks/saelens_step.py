@@ -1,5 +1,5 @@
 """SAELens's own training step (``SAETrainer._train_step``: forward, loss, backward, gradient clipping, Adam,
-schedulers, dead-latent bookkeeping) as a ``step_worker`` for ``step_speed.py``. Runs with SAELens's
+schedulers, dead-latent bookkeeping), with SAELens's default settings, as a ``step_worker`` for ``step_speed.py``. Runs with SAELens's
 interpreter, never c2r's (SAELens is no dependency of c2r)::
 
     python3 -m venv /work/venvs/saelens
