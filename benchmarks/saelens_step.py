@@ -1,6 +1,6 @@
 """SAELens's own training step (``SAETrainer._train_step``: forward, loss, backward, gradient clipping, Adam,
-schedulers, dead-latent bookkeeping), with SAELens's default settings, as a ``step_worker`` for ``step_speed.py``. Runs with SAELens's
-interpreter, never c2r's (SAELens is no dependency of c2r)::
+schedulers, dead-latent bookkeeping), with SAELens's default settings, as a ``step_worker`` for
+``step_speed.py``. Runs with SAELens's interpreter, never c2r's (SAELens is no dependency of c2r)::
 
     python3 -m venv /work/venvs/saelens
     /work/venvs/saelens/bin/pip install torch==2.13.0   # first, or pip pulls the CUDA wheels
@@ -10,9 +10,8 @@ interpreter, never c2r's (SAELens is no dependency of c2r)::
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 import torch
 
