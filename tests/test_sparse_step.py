@@ -81,3 +81,21 @@ def test_batchtopk_threshold_updates_on_the_device():
     assert sae.threshold.item() == pytest.approx(smallest.item())
     sae.forward_pass(x)
     assert sae.threshold.item() == pytest.approx(smallest.item())  # lerp between equal values
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_sparse_step_under_bf16_autocast_keeps_fp32_gradients_near_the_reference(architecture):
+    """What a GPU run does (bf16 autocast, fp32 weights), on CPU: the same selection, fp32 gradients, close."""
+    grads = []
+    for dense in (False, True):
+        sae = ARCHITECTURES[architecture]()
+        sae.update_firing(torch.arange(F_) % 2 == 0, 40)
+        x = torch.randn(B, D, generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16), sparse.dense_reference() if dense else nullcontext():
+            terms, _ = loss_terms(sae, {"c2r": C2R(coef=1.0, interval=1, neighbor_search="exact")}, x, step=0)
+            loss = total_loss(terms)
+        loss.backward()
+        grads.append({name: p.grad for name, p in sae.named_parameters()})
+    for name, grad in grads[0].items():
+        assert grad.dtype == torch.float32, name
+        torch.testing.assert_close(grad, grads[1][name], rtol=0.05, atol=0.05 * grads[1][name].abs().max().item(), msg=name)
