@@ -29,7 +29,7 @@ import torch
 
 from c2r.regularizers import C2R
 from c2r.sae import TopKSAE
-from c2r.step import apply_gradients, loss_terms, total_loss
+from c2r.step import adam, train_step
 
 MODES = ("none", "chunked", "exact", "candidates")
 RESULTS = Path(__file__).parent / "results"
@@ -45,17 +45,7 @@ def build(mode: str, d: int, dict_size: int, k: int, refresh_every: int, device:
     regularizers = {} if mode == "none" else {
         "c2r": C2R(coef=1.0, interval=1, neighbor_search=mode, refresh_every=refresh_every).to(device)
     }
-    return sae, regularizers, torch.optim.Adam(sae.parameters(), lr=1e-4)
-
-
-def train_step(sae: TopKSAE, regularizers: dict[str, C2R], optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               step: int, autocast) -> None:
-    with autocast():
-        terms, _ = loss_terms(sae, regularizers, x, step)
-        loss = total_loss(terms)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    apply_gradients(sae, optimizer)
+    return sae, regularizers, adam(sae, lr=1e-4)
 
 
 def time_step(built: tuple, x: torch.Tensor, step: int, autocast, device: torch.device) -> float:

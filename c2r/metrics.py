@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from c2r.sae.base import SparseCodes
+
 
 class ReconstructionStats:
     """Running sums for MSE, L0 and the standard fraction of variance unexplained,
@@ -19,16 +21,18 @@ class ReconstructionStats:
         self.sums: Tensor | None = None
 
     @torch.no_grad()
-    def update(self, x: Tensor, recon: Tensor, acts: Tensor) -> None:
+    def update(self, x: Tensor, recon: Tensor, acts: Tensor | SparseCodes) -> None:
+        """Add a batch: inputs, reconstructions and the codes (dense, or their entries)."""
+        active = (acts.values if isinstance(acts, SparseCodes) else acts).count_nonzero()
         x, recon = x.double(), recon.double()
         batch = torch.cat(
             [
                 torch.stack(
                     [
-                        torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+                        x.new_full((), x.shape[0]),  # a fill kernel: no host-to-device copy
                         x.pow(2).sum(),
                         (x - recon).pow(2).sum(),
-                        (acts != 0).sum().double(),
+                        active.double(),
                     ]
                 ),
                 x.sum(dim=0),
@@ -45,7 +49,7 @@ class ReconstructionStats:
         return {"mse": sum_sq_error / rows, "fvu": fvu, "explained_variance": 1 - fvu, "l0": sum_l0 / rows}
 
 
-def batch_metrics(x: Tensor, recon: Tensor, acts: Tensor) -> dict[str, Tensor]:
+def batch_metrics(x: Tensor, recon: Tensor, acts: Tensor | SparseCodes) -> dict[str, Tensor]:
     """The same metrics on one batch."""
     stats = ReconstructionStats()
     stats.update(x, recon, acts)

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from c2r.metrics import ReconstructionStats, batch_metrics
 from c2r.regularizers import Regularizer
-from c2r.sae import SparseAutoencoder
-from c2r.step import loss_terms, total_loss
+from c2r.sae import SAEOutput, SparseAutoencoder
+from c2r.sae.base import LossTerms
+from c2r.step import adam, loss_terms, total_loss
 
 
 # Validation sums are all-reduced by hand (exact FVU over all ranks), so Lightning's advice to sync is moot.
@@ -54,6 +55,7 @@ class SAEModule(L.LightningModule):
         self.val_stats = ReconstructionStats()
         self.val_firing_counts: Tensor | None = None
         self.val_firing_frequency: Tensor | None = None  # [F], over the last validation pass (all ranks)
+        self.latest_terms: LossTerms = {}
         # Checkpointed with the weights (also the only progress a ddp_spawn run hands back to its parent).
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         # Seconds of training over all launches (checkpointed, so a resumed run's wall time is cumulative). Each
@@ -90,26 +92,39 @@ class SAEModule(L.LightningModule):
         self.wall_time_s.fill_(self._wall_time_before_launch + time.time() - self.launch_time)
         terms, out = loss_terms(self.sae, self.regularizers, batch, self.global_step)
         loss = total_loss(terms)
-        for name, (value, weight) in terms.items():
+        fired = self.trainer.strategy.reduce((out.firing_counts() > 0).float(), reduce_op="sum") > 0
+        global_batch = batch.shape[0] * self.trainer.world_size
+        self.sae.update_firing(fired, global_batch)
+        self.tokens_seen += global_batch
+        # Each term's latest value: a scheduled term (C²R every interval-th step) logs its last value on the
+        # logging steps that skip it.
+        self.latest_terms.update({name: (value.detach(), weight) for name, (value, weight) in terms.items()})
+        if self.writes_logs():
+            self.log_step(batch, loss, out)
+        return {"loss": loss, "terms": {name: value.detach() for name, (value, _) in terms.items()}}
+
+    def writes_logs(self) -> bool:
+        """Whether the logger writes this training step (Lightning's rule: every ``log_every_n_steps``-th step,
+        or when the trainer stops early). Only then is anything logged: each ``self.log`` costs host time, and a Python number a
+        host-to-device copy, which waits for the GPU."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.should_stop
+
+    def log_step(self, batch: Tensor, loss: Tensor, out: SAEOutput) -> None:
+        """Every term raw and weighted, the batch's metrics (this rank's rows: an all-reduce per logged step
+        would cost more than it says; validation gives the all-rank values), dead latents and the schedule."""
+        for name, (value, weight) in self.latest_terms.items():
             self.log(f"losses/{name}", value)
             self.log(f"losses/{name}_weighted", weight * value)
         self.log("losses/overall_loss", loss, prog_bar=True)
         self.log_regularizer_metrics()
-
-        fired = (out.acts != 0).any(dim=0)
-        fired = self.trainer.strategy.reduce(fired.float(), reduce_op="sum") > 0
-        global_batch = batch.shape[0] * self.trainer.world_size
-        self.sae.update_firing(fired, global_batch)
-        self.tokens_seen += global_batch
         self.log("details/n_training_tokens", self.tokens_seen.float())
+        metrics = batch_metrics(batch, out.recon, out.codes)
+        self.log("metrics/l0", metrics["l0"], prog_bar=True)
+        self.log("metrics/explained_variance", metrics["explained_variance"], prog_bar=True)
         dead = self.sae.dead_mask()
-        metrics = batch_metrics(batch, out.recon, out.acts)
-        self.log("metrics/l0", metrics["l0"], prog_bar=True, sync_dist=True)
-        self.log("metrics/explained_variance", metrics["explained_variance"], prog_bar=True, sync_dist=True)
         self.log("sparsity/dead_features", dead.sum().float())
         self.log("sparsity/dead_fraction", dead.float().mean())
         self.log("details/lr", self.optimizers().param_groups[0]["lr"])
-        return {"loss": loss, "terms": {name: value.detach() for name, (value, _) in terms.items()}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.sae.remove_parallel_gradient()
@@ -126,8 +141,8 @@ class SAEModule(L.LightningModule):
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         out = self.sae.forward_pass(batch)  # the trained form: no step, so k annealing is over
-        self.val_stats.update(batch, out.recon, out.acts)
-        fired = (out.acts != 0).sum(dim=0)
+        self.val_stats.update(batch, out.recon, out.codes)
+        fired = out.firing_counts()
         self.val_firing_counts = fired if self.val_firing_counts is None else self.val_firing_counts + fired
 
     def on_validation_epoch_end(self) -> None:
@@ -140,7 +155,7 @@ class SAEModule(L.LightningModule):
         self.val_firing_frequency = counts / sums[0]
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=self.betas)
+        optimizer = adam(self.sae, self.lr, self.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -95,7 +95,7 @@ def test_auxk_is_zero_without_dead_latents_and_matches_the_formula_with_them():
 
     dead = torch.zeros(32, dtype=torch.bool)
     dead[[1, 5, 9, 20]] = True
-    sae.tokens_since_fired[dead] = 100
+    sae.update_firing(~dead, 100)
     loss = sae.auxk_loss(x, out)
 
     residual = x - out.recon.detach()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from c2r.sae import sparse
 from c2r.seeds import stream_generator
 
 ENCODER_DECODER = ("W_enc", "b_enc", "W_dec", "b_dec")  # the tensors every inference form holds
@@ -26,29 +27,58 @@ LossTerms = dict[str, tuple[Tensor, float]]
 
 @dataclass
 class SparseCodes:
-    """The non-zero entries of a batch's codes as (latent index, value) pairs, for the architectures that select
-    them explicitly (TopK, BatchTopK, Matryoshka). Per-latent batch statistics (C²R's ``n_i``) then cost O(B·k)
-    and their gradients reach the selected values directly, instead of passing over the dense ``[B, F]`` codes
-    (on a CPU at F=65536 that dense pass took a third of the SAE step)."""
+    """The non-zero entries of a batch's codes as (row, latent, value) triples, for the architectures that select
+    them explicitly (TopK, BatchTopK, Matryoshka). Their step never builds the dense ``[B, F]`` codes: decoding,
+    per-latent batch statistics (C²R's ``n_i``) and every gradient cost O(B·k) (:mod:`c2r.sae.sparse`)."""
 
-    latents: Tensor  # [N] long: the latent of each non-zero entry
-    values: Tensor  # [N]: its value, the same tensor that was scattered into ``acts`` (differentiable)
+    rows: Tensor  # [N] long, sorted: the batch row of each entry
+    latents: Tensor  # [N] long: its latent
+    values: Tensor  # [N]: its value (differentiable)
+    batch_size: int
     dict_size: int
 
+    def dense(self) -> Tensor:
+        """The ``[B, F]`` codes (differentiable in ``values``), for the consumers that need them."""
+        codes = self.values.new_zeros(self.batch_size, self.dict_size)
+        return codes.index_put((self.rows, self.latents), self.values)
 
-@dataclass
+
 class SAEOutput:
-    """One forward pass: what the losses, regularizers and metrics need."""
+    """One forward pass: what the losses, regularizers and metrics need.
 
-    pre_acts: Tensor  # [B, F] encoder output before the sparsity nonlinearity (Gated: the gate path's)
-    acts: Tensor  # [B, F] post-sparsity codes: what the decoder (and C²R) sees
-    recon: Tensor  # [B, d] reconstruction
-    sparse: SparseCodes | None = None  # the non-zero entries of ``acts``, where the architecture selects them
+    ``pre_acts [B, F]``: the encoder output before the sparsity nonlinearity (Gated: the gate path's); for the
+    k-sparse architectures it carries no graph (their gradients flow through ``sparse``). ``acts [B, F]``: the
+    post-sparsity codes; given either dense or as ``sparse`` entries, from which the dense form is built only if
+    a consumer reads ``acts``. ``recon [B, d]``: the reconstruction.
+    """
+
+    def __init__(
+        self, pre_acts: Tensor, recon: Tensor, *, acts: Tensor | None = None, sparse: SparseCodes | None = None
+    ) -> None:
+        if (acts is None) == (sparse is None):
+            raise ValueError("SAEOutput needs exactly one of acts (dense codes) and sparse (their entries)")
+        self.pre_acts = pre_acts
+        self.recon = recon
+        self.sparse = sparse
+        self._acts = acts
+
+    @property
+    def acts(self) -> Tensor:
+        if self._acts is None:
+            self._acts = self.sparse.dense()
+        return self._acts
 
     @property
     def codes(self) -> Tensor | SparseCodes:
         """``acts`` in the cheapest exact form: its sparse entries where known, else the dense tensor."""
         return self.sparse if self.sparse is not None else self.acts
+
+    def firing_counts(self) -> Tensor:
+        """``[F]`` long: in how many rows each latent is non-zero."""
+        if self.sparse is None:
+            return (self.acts != 0).sum(dim=0)
+        active = (self.sparse.values != 0).long()
+        return active.new_zeros(self.sparse.dict_size).index_add_(0, self.sparse.latents, active)
 
 
 class SparseAutoencoder(nn.Module):
@@ -96,6 +126,9 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(dict_size, dtype=torch.long))
+        # An upper bound of tokens_since_fired.max() kept on the host, so that the step knows without reading the
+        # device that no latent can be dead yet (the first dead_tokens tokens of a run).
+        self.max_tokens_since_fired = 0
 
     # --- what architectures implement -------------------------------------------------------------------------
     def activate(self, pre_acts: Tensor) -> Tensor:
@@ -150,7 +183,7 @@ class SparseAutoencoder(nn.Module):
         """Everything the losses, regularizers and metrics read of one pass. ``step`` is the training step, for
         schedules acting inside the forward (k annealing); ``None`` is the trained SAE (every schedule at its end)."""
         pre_acts, acts = self.encode_with_pre_acts(x)
-        return SAEOutput(pre_acts=pre_acts, acts=acts, recon=self.decode(acts))
+        return SAEOutput(pre_acts, self.decode(acts), acts=acts)
 
     def losses(self, x: Tensor, out: SAEOutput, step: int) -> LossTerms:
         """Every SAE loss term at training ``step`` (warm-ups read it) as ``name -> (raw value, weight)``:
@@ -165,20 +198,32 @@ class SparseAutoencoder(nn.Module):
         """``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` detached: the core of every inference form."""
         return {name: getattr(self, name).detach() for name in ENCODER_DECODER}
 
+    def pre_acts_at(self, x: Tensor, pre_acts: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
+        """``pre_acts[rows, latents]`` of the input ``x``, differentiable; the k-sparse architectures, whose
+        ``pre_acts`` carry no graph, return them through the sparse encoder backward."""
+        return pre_acts[rows, latents]
+
     def auxk_loss(self, x: Tensor, out: SAEOutput) -> Tensor:
-        """Reconstruct the residual with the top ``aux_k`` dead latents (Gao et al. 2024), normalised by the
-        residual's variance so the term is scale-free; zero when no latent is dead."""
-        dead = self.dead_mask()
-        if not dead.any():
+        """Reconstruct the residual with the top ``aux_k`` dead latents of each row (Gao et al. 2024), normalised
+        by the residual's variance so the term is scale-free; zero when no latent is dead.
+
+        Without a host sync: skipped while no latent can be dead yet (known on the host, see ``update_firing``),
+        then computed on every step and zeroed on the device when none is. Decoded from the selected entries."""
+        if self.max_tokens_since_fired < self.dead_tokens:
             return x.new_zeros(())
+        dead = self.dead_mask()
+        batch = x.shape[0]
+        with torch.no_grad():
+            latents = out.pre_acts.detach().masked_fill(~dead, float("-inf")).topk(self.aux_k, dim=-1).indices
+        rows = torch.arange(batch, device=x.device).repeat_interleave(self.aux_k)
+        latents = latents.flatten()
+        # Rows with fewer than aux_k dead latents also pick live ones: those entries are zeroed.
+        values = torch.where(dead[latents], self.pre_acts_at(x, out.pre_acts, rows, latents).relu(), 0.0)
+        aux_recon = sparse.decode(rows, latents, values, batch, self.W_dec)
         residual = (x - out.recon).detach()
-        k = min(self.aux_k, int(dead.sum()))
-        dead_pre = out.pre_acts.masked_fill(~dead, float("-inf"))
-        values, indices = dead_pre.topk(k, dim=-1)
-        aux_acts = torch.zeros_like(out.pre_acts).scatter(-1, indices, values.relu())
-        aux_recon = aux_acts @ self.W_dec
         denominator = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
-        return (aux_recon - residual).pow(2).sum(dim=-1).mean() / denominator
+        loss = (aux_recon - residual).pow(2).sum(dim=-1).mean() / denominator
+        return torch.where(dead.any(), loss, 0.0)
 
     def dead_mask(self) -> Tensor:
         """Latents that have not fired for ``dead_tokens`` training tokens."""
@@ -189,6 +234,11 @@ class SparseAutoencoder(nn.Module):
         """Record one training batch of ``n_tokens`` rows in which the latents ``fired [F]`` (bool) fired."""
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired] = 0
+        self.max_tokens_since_fired += n_tokens
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.max_tokens_since_fired = int(self.tokens_since_fired.max())  # one host read, at load time
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

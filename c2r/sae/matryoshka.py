@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from c2r.sae.base import LossTerms, SAEOutput, mse
+from c2r.sae import sparse
+from c2r.sae.base import LossTerms, SAEOutput, SparseCodes, mse
 from c2r.sae.topk import BatchTopKSAE
 
 PREFIX_REDUCTIONS = ("mean", "sum")
@@ -84,20 +85,25 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         self.group_sizes = group_sizes
         self.prefix_reduction = prefix_reduction
 
-    def prefix_reconstructions(self, acts: Tensor, groups: int | None = None) -> Tensor:
+    def prefix_reconstructions(self, codes: SparseCodes, groups: int | None = None) -> Tensor:
         """``[groups, B, d]``: the reconstructions of the first ``groups`` prefixes (default: all G, the last
-        being the full reconstruction)."""
-        sizes = self.group_sizes[: groups or len(self.group_sizes)]
-        width = sum(sizes)
-        parts = [a @ w for a, w in zip(acts[..., :width].split(sizes, dim=-1), self.W_dec[:width].split(sizes))]
-        return torch.stack(parts).cumsum(dim=0) + self.b_dec
+        being the full reconstruction), decoded from the entries at O(B·k·d): each (group, row) is one bag."""
+        groups = groups or len(self.group_sizes)
+        ends = torch.tensor(self.group_sizes, device=codes.latents.device).cumsum(0)
+        group = torch.bucketize(codes.latents, ends, right=True)
+        keep = group < groups
+        bags = torch.where(keep, group * codes.batch_size + codes.rows, groups * codes.batch_size)
+        bags, order = bags.sort()  # entries of later groups sort last, into one bag that is dropped
+        values = torch.where(keep, codes.values, 0.0)[order]
+        parts = sparse.decode(bags, codes.latents[order], values, (groups + 1) * codes.batch_size, self.W_dec)
+        return parts[: groups * codes.batch_size].view(groups, codes.batch_size, -1).cumsum(dim=0) + self.b_dec
 
     def reconstruction_losses(self, x: Tensor, out: SAEOutput) -> LossTerms:
         groups = len(self.group_sizes)
         weight = 1.0 / groups if self.prefix_reduction == "mean" else 1.0
         terms = {"mse": (mse(out.recon, x), weight)}
         if groups > 1:
-            strict = self.prefix_reconstructions(out.acts, groups - 1)
+            strict = self.prefix_reconstructions(out.sparse, groups - 1)  # a training pass: sparse
             terms["prefix_mse"] = ((strict - x).pow(2).sum(dim=-1).mean(dim=-1).sum(), weight)
         return terms
 

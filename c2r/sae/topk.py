@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from c2r.sae import sparse
 from c2r.sae.base import SAEOutput, SparseAutoencoder, SparseCodes
 
 
@@ -16,6 +17,9 @@ class KSparseAutoencoder(SparseAutoencoder):
     (``round(k_start + (k - k_start) · min(1, t / k_anneal_steps))`` at the training step t that
     ``forward_pass`` is given), then stays at ``k``. Starting dense eases early optimisation and leaves fewer dead
     latents. Without a step (``encode``, validation, export) the SAE is the trained one: ``k`` active latents.
+
+    ``forward_pass`` is sparse: after the dense encoder forward, everything (decoding, AuxK, C²R, the backward)
+    runs on the B·k kept entries (:mod:`c2r.sae.sparse`). An architecture implements ``select``.
     """
 
     def __init__(
@@ -43,18 +47,29 @@ class KSparseAutoencoder(SparseAutoencoder):
         self.k_start = None if k_start is None else int(k_start)
         self.k_anneal_steps = int(k_anneal_steps)
 
-    def select(self, pre_acts: Tensor, k: int) -> tuple[Tensor, SparseCodes | None]:
-        """The dense codes ``[B, F]`` with ``k`` active latents per row (on average, for BatchTopK) and their
-        non-zero entries (``None`` where the selection is not explicit)."""
+    def select(self, pre_acts: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """``(rows, latents)`` (``[N]`` long, ``rows`` sorted) of the entries kept among ``pre_acts [B, F]``
+        (no graph): ``k`` per row (on average, for BatchTopK). A kept entry's code is its ReLU'd pre-activation."""
         raise NotImplementedError
 
     def activate(self, pre_acts: Tensor) -> Tensor:
-        return self.select(pre_acts, self.k)[0]
+        flat = pre_acts.reshape(-1, self.dict_size)
+        rows, latents = self.select(flat.detach(), self.k)
+        entries = SparseCodes(rows, latents, flat[rows, latents].relu(), *flat.shape)
+        return entries.dense().view_as(pre_acts)
 
     def forward_pass(self, x: Tensor, step: int | None = None) -> SAEOutput:
-        pre_acts = self.pre_activations(x)
-        acts, sparse = self.select(pre_acts, self.current_k(step))
-        return SAEOutput(pre_acts=pre_acts, acts=acts, recon=self.decode(acts), sparse=sparse)
+        """Sparse: the dense pre-activations are computed without a graph, the kept entries get theirs from
+        :func:`c2r.sae.sparse.entries_of_pre_acts`, and the codes stay sparse (dense only if ``acts`` is read)."""
+        with torch.no_grad():
+            pre_acts = self.pre_activations(x)
+        rows, latents = self.select(pre_acts, self.current_k(step))
+        values = self.pre_acts_at(x, pre_acts, rows, latents).relu()
+        recon = sparse.decode(rows, latents, values, x.shape[0], self.W_dec) + self.b_dec
+        return SAEOutput(pre_acts, recon, sparse=SparseCodes(rows, latents, values, x.shape[0], self.dict_size))
+
+    def pre_acts_at(self, x: Tensor, pre_acts: Tensor, rows: Tensor, latents: Tensor) -> Tensor:
+        return sparse.entries_of_pre_acts(x, self.b_dec, self.W_enc, self.b_enc, pre_acts, rows, latents)
 
     def current_k(self, step: int | None = None) -> int:
         """The number of active latents per row at training ``step``; ``k`` for the trained SAE (``None``)."""
@@ -69,11 +84,10 @@ class TopKSAE(KSparseAutoencoder):
 
     architecture = "topk"
 
-    def select(self, pre_acts: Tensor, k: int) -> tuple[Tensor, SparseCodes]:
-        values, indices = pre_acts.topk(k, dim=-1)
-        values = values.relu()
-        acts = torch.zeros_like(pre_acts).scatter(-1, indices, values)
-        return acts, SparseCodes(indices.flatten(), values.flatten(), self.dict_size)
+    def select(self, pre_acts: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        latents = pre_acts.topk(k, dim=-1, sorted=False).indices.flatten()
+        rows = torch.arange(pre_acts.shape[0], device=pre_acts.device).repeat_interleave(k)
+        return rows, latents
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
         return "topk", self.encoder_decoder_tensors(), {"k": self.k}
@@ -100,28 +114,35 @@ class BatchTopKSAE(KSparseAutoencoder):
         # Negative until the first training batch sets it: "not estimated yet".
         self.register_buffer("threshold", torch.tensor(-1.0))
 
-    def select(self, pre_acts: Tensor, k: int) -> tuple[Tensor, SparseCodes | None]:
-        # Until a training batch has set the threshold (e.g. Lightning's sanity validation), eval mode also
-        # uses the batch selection.
-        if not self.training and self.threshold >= 0:
-            return pre_acts * (pre_acts > self.threshold), None
+    def uses_threshold(self) -> bool:
+        """Inference form: eval mode once a training batch has set the threshold (until then, e.g. Lightning's
+        sanity validation, eval mode also uses the batch selection)."""
+        return not self.training and bool(self.threshold >= 0)
+
+    def activate(self, pre_acts: Tensor) -> Tensor:
+        if self.uses_threshold():
+            return pre_acts * (pre_acts > self.threshold)
+        return super().activate(pre_acts)
+
+    def forward_pass(self, x: Tensor, step: int | None = None) -> SAEOutput:
+        if self.uses_threshold():
+            return SparseAutoencoder.forward_pass(self, x, step)
+        return super().forward_pass(x, step)
+
+    def select(self, pre_acts: Tensor, k: int) -> tuple[Tensor, Tensor]:
         flat = pre_acts.relu().flatten()
-        values, indices = flat.topk(min(k * pre_acts.shape[0], flat.numel()))
+        values, indices = flat.topk(min(k * pre_acts.shape[0], flat.numel()), sorted=False)
         if self.training:
             self._update_threshold(values)
-        acts = torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_acts)
-        return acts, SparseCodes(indices % self.dict_size, values, self.dict_size)
+        indices = indices.sort().values  # row-major: each row's entries together
+        return indices // self.dict_size, indices % self.dict_size
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:
-        positive = kept[kept > 0]
-        if positive.numel() == 0:
-            return
-        smallest = positive.min().float()
-        if self.threshold < 0:
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.lerp_(smallest, 1 - self.threshold_momentum)
+        """Move the threshold towards the smallest positive kept value; on the device, without a host sync."""
+        smallest = torch.where(kept > 0, kept, float("inf")).min().to(self.threshold.dtype)
+        estimate = torch.where(self.threshold < 0, smallest, self.threshold.lerp(smallest, 1 - self.threshold_momentum))
+        self.threshold.copy_(torch.where(smallest.isfinite(), estimate, self.threshold))
 
     def export_state(self) -> tuple[str, dict[str, Tensor], dict]:
         # SAELens and SAEBench read a BatchTopK SAE at inference as a JumpReLU with one shared threshold; so
