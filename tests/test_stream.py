@@ -183,3 +183,15 @@ def test_streaming_needs_a_language_model_and_reserved_ce_contexts(compose_train
     job = [o for o in STREAM_JOB if not o.startswith("+evaluation")]
     with pytest.raises(ConfigError, match="reads 16 held-out contexts.*raise data.stream.reserve_contexts to 16"):
         train(compose_train(*job, f"data.text.data_files={docs}", *TINY_JOB))
+
+
+def test_a_two_process_ddp_run_streams_one_share_per_rank(docs, tmp_path):
+    run_dir = tmp_path / "ddp"
+    result = run_cli("c2r.train", *STREAM_JOB, f"data.text.data_files={docs}", *TINY_JOB, "hardware=ddp_cpu",
+                     "train_tokens=1920", "evaluation=null", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 15  # 64-row halves of 128-row batches
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["StreamingDataModule"]
+    # Windows of 256 rows are 4 blocks of 64 per rank: step 15 is in window 3 of each rank's own stream.
+    assert state["step"] == 15 and len(state["positions"]) == 2
+    assert all(batch > 0 for batch, _ in state["positions"])
