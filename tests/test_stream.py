@@ -6,10 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +17,7 @@ from c2r.data import HarvestedShards, Manifest
 from c2r.data.lm import load_model
 from c2r.data.stream import ActivationStream, StreamError, StreamPosition, heldout_set
 
-from conftest import TINY_JOB, run_cli
+from conftest import TINY_JOB, kill_at_first_checkpoint, run_cli
 from test_harvest import SENTENCES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -153,16 +149,7 @@ def test_a_killed_streamed_job_resumes_to_the_same_weights(docs, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "c2r.train", *job, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the job finished before it could be killed"
-    state = torch.load(checkpoint, weights_only=False)
+    state = kill_at_first_checkpoint(job, run_dir, tmp_path)
     assert 0 < state["global_step"] < 80
     assert state["StreamingDataModule"]["step"] == state["global_step"]
 
