@@ -141,3 +141,33 @@ def _value(metrics: dict[str, torch.Tensor], name: str) -> float:
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class DataWaitFraction(L.Callback):
+    """``details/data_wait_fraction``: the share of each logging interval's step time spent between batches,
+    which is where Lightning fetches the next batch (a streamed run waiting on its LM shows up here). Logged on
+    logging steps only; no device sync. Validation passes between two steps are not counted as waiting."""
+
+    def __init__(self) -> None:
+        self._batch_start = 0.0
+        self._batch_end: float | None = None
+        self._waited = self._total = 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batch_end = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._batch_end is not None:
+            self._waited += now - self._batch_end
+            self._total += now - self._batch_end
+        self._batch_start = now
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_end = time.perf_counter()
+        self._total += self._batch_end - self._batch_start
+        if trainer.global_step % trainer.log_every_n_steps == 0 and self._total > 0:
+            pl_module.log("details/data_wait_fraction", self._waited / self._total)
+            self._waited = self._total = 0.0

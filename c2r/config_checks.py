@@ -15,6 +15,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig
 
+from c2r.data.modes import data_mode
 from c2r.errors import UserError
 from c2r.module import SAEModule
 
@@ -29,6 +30,8 @@ def check_train_config(cfg: DictConfig) -> None:
     """Refuse a training config that cannot work: raises :class:`ConfigError` with a one-line message."""
     check_step_count(cfg.batch_size, cfg.train_tokens)
     check_hardware(cfg.hardware)
+    if data_mode(cfg.data) == "stream":
+        check_ce_contexts_are_reserved(cfg)
     groups = {"model": cfg.model, "regularizer": cfg.regularizer, "data.source": cfg.data.source}
     groups.update({f"extra_regularizers.{name}": node for name, node in (cfg.get("extra_regularizers") or {}).items()})
     for where, node in groups.items():
@@ -39,6 +42,24 @@ def check_train_config(cfg: DictConfig) -> None:
         SAEModule.check_optim(**cfg.optim)
     except ValueError as error:
         raise ConfigError(f"optim: {error}") from None
+
+
+def check_ce_contexts_are_reserved(cfg: DictConfig) -> None:
+    """A streamed run trains on the contexts after its held-out set and ``data.stream.reserve_contexts`` more; the
+    CE-loss evaluation reads the contexts right after the held-out set, so it may ask for at most the reserve."""
+    from c2r.evaluate import default_settings
+
+    evaluation = cfg.get("evaluation") or {}
+    if "ce_loss" not in (evaluation.get("evals") or []):
+        return
+    contexts = (evaluation.get("ce_loss") or {}).get("contexts", default_settings()["ce_loss"]["contexts"])
+    reserve = cfg.data.stream.reserve_contexts
+    if contexts > reserve:
+        raise ConfigError(
+            f"the CE-loss evaluation reads {contexts} held-out contexts, but a streamed run trains on all but the "
+            f"data.stream.reserve_contexts={reserve} after its held-out set: raise data.stream.reserve_contexts to "
+            f"{contexts} or set evaluation.ce_loss.contexts={reserve}"
+        )
 
 
 def check_step_count(batch_size: int, train_tokens: int) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 # c2r.evaluation and c2r.export (torch, the LM stack, matplotlib) are imported where they are used, so that
@@ -51,7 +50,9 @@ def evaluate_sae_on(
     from c2r.export import load_sae
 
     sae = load_sae(sae_dir)
-    source = instantiate(data_cfg.source)
+    from c2r.data.modes import shard_source
+
+    source = shard_source(data_cfg)  # data.mode=stream: the held-out set
     shard_dir = source.ensure()
     run = {key: settings[key] for key in RUN_SETTINGS if key in settings}
     per_eval = {name: settings.get(name) or {} for name in EVALS}

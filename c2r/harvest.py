@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from c2r.data.shards import Manifest, recreate_hint, verify
@@ -24,8 +23,9 @@ log = logging.getLogger(__name__)
 
 def harvest(cfg: DictConfig) -> Path:
     """Create (or find) the shards of ``cfg.data``; returns their directory."""
-    source = instantiate(cfg.data.source)
-    directory = source.ensure()
+    from c2r.data.modes import shard_source
+
+    directory = shard_source(cfg.data).ensure()  # data.mode=stream: the held-out set a streamed run needs
     manifest = Manifest.load(directory)
     provenance = manifest.source
     log.info(
@@ -41,7 +41,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.verify is None or cfg.verify is False:
         print(harvest(cfg))
         return
-    directory = Path(instantiate(cfg.data.source).shard_dir if cfg.verify is True else str(cfg.verify)).expanduser()
+    from c2r.data.modes import shard_source
+
+    directory = Path(shard_source(cfg.data).shard_dir if cfg.verify is True else str(cfg.verify)).expanduser()
     problems = verify(directory)
     if problems:
         lines = "\n  ".join(problem.message for problem in problems)

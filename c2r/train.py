@@ -79,10 +79,10 @@ def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, 
     """Data, SAE, training (or its resumption), final validation, export, evaluation, then ``metrics.json``."""
     import lightning as L
 
-    from c2r.callbacks import LatentHistograms, ProgressLog, StepProgressBar, TokensPerSecond
+    from c2r.callbacks import DataWaitFraction, LatentHistograms, ProgressLog, StepProgressBar, TokensPerSecond
     from c2r.checkpointing import FinalAndPeriodicCheckpoint, training_plugins
     from c2r.console import hide_lightning_noise
-    from c2r.data import ActivationDataModule
+    from c2r.data.modes import build_datamodule
     from c2r.evaluate import evaluate_run
     from c2r.export import export_sae
     from c2r.jsonfile import write_json
@@ -98,11 +98,8 @@ def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, 
     # before any compute; only when the width is left to the shards (data=shards) do they come first.
     sae = instantiate(cfg.model) if cfg.model.d_in is not None else None
 
-    source = instantiate(cfg.data.source)
-    datamodule = ActivationDataModule(
-        source, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers
-    )
-    shard_dir = source.ensure()
+    datamodule = build_datamodule(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, run_dir=run_dir)
+    shard_dir = datamodule.source.ensure()  # data.mode=stream: the held-out set only
     d_in = resolve_d_in(cfg.model.d_in, datamodule.d_in, shard_dir)
     sae = sae or instantiate(cfg.model, d_in=d_in)
     sae.init_decoder_bias(datamodule.sample_rows(min(DECODER_BIAS_SAMPLE_ROWS, datamodule.manifest.train_rows)))
@@ -117,7 +114,8 @@ def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, 
     )
     # A progress bar only where a terminal shows it; elsewhere (nohup, Slurm) plain lines in the log.
     progress_bar = bool(cfg.trainer.enable_progress_bar) and sys.stderr.isatty()
-    callbacks = [checkpoint, NonFiniteLossGuard(cfg.trainer.log_every_n_steps), TokensPerSecond(), LatentHistograms()]
+    callbacks = [checkpoint, NonFiniteLossGuard(cfg.trainer.log_every_n_steps), TokensPerSecond(), DataWaitFraction(),
+                 LatentHistograms()]
     callbacks.append(StepProgressBar() if progress_bar else ProgressLog(cfg.progress_every, max_steps))
     trainer = L.Trainer(
         **cfg.hardware,

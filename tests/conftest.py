@@ -1,8 +1,10 @@
 """Shared fixtures: tiny training configs and an isolated shard cache and W&B."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,23 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: int = 300) -> subproces
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def kill_at_first_checkpoint(train_args: list[str], run_dir: Path, cwd: Path) -> dict:
+    """Start ``python -m c2r.train <train_args> hydra.run.dir=<run_dir>``, kill -9 it as soon as its first checkpoint
+    exists, and return that checkpoint."""
+    command = [sys.executable, "-m", "c2r.train", *train_args, f"hydra.run.dir={run_dir}"]
+    job = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    import torch
+
+    return torch.load(checkpoint, weights_only=False)
 
 
 def write_tiny_sweep_config(directory: Path, name: str = "tiny_grid") -> Path:

@@ -2,15 +2,11 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, run_cli, write_tiny_sweep_config
+from conftest import TINY, kill_at_first_checkpoint, run_cli, write_tiny_sweep_config
 
 # 160 steps with checkpoints every 20; C²R's candidate lists refresh every 7 steps (checkpointed state too).
 LONG_JOB = [*TINY, "train_tokens=20480", "checkpoint_every=20", "regularizer=c2r", "regularizer.coef=0.01",
@@ -22,16 +18,7 @@ def test_a_killed_job_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
     assert run_cli("c2r.train", *LONG_JOB, f"hydra.run.dir={reference}", cwd=tmp_path).returncode == 0
 
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "c2r.train", *LONG_JOB, f"hydra.run.dir={run_dir}"]
-    job = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    assert job.returncode == -signal.SIGKILL, "the job finished before it could be killed"
-    killed_at = torch.load(checkpoint, weights_only=False)["global_step"]
+    killed_at = kill_at_first_checkpoint(LONG_JOB, run_dir, tmp_path)["global_step"]
     assert 0 < killed_at < 160
     assert not (run_dir / "metrics.json").exists()
 

@@ -240,16 +240,8 @@ class HarvestedShards(CachedShards):
 
     def _harvest(self, target: Path, lm: LanguageModel | None) -> Manifest:
         started = time.time()
-        if lm is None:
-            lm = self.load_model()
-        elif lm.name != self.model:
-            raise HarvestError(f"harvest(model=...) got {lm.name!r}, but this source harvests {self.model!r}")
-        check_hook(lm, self.hook)
-        if lm.n_ctx is not None and self.context_length > lm.n_ctx:
-            raise HarvestError(
-                f"context_length={self.context_length} exceeds {self.model}'s maximum of {lm.n_ctx} positions"
-            )
-        token_id(lm.tokenizer, self.context_start), token_id(lm.tokenizer, self.doc_separator)  # fail early
+        lm = self.load_model() if lm is None else lm
+        self.check_model(lm)
         special = self.dropped_tokens(lm.tokenizer)
         special_ids = self.dropped_token_ids(lm.tokenizer)
         d = hook_activations(lm, torch.zeros(1, 2, dtype=torch.long), self.hook).shape[-1]
@@ -274,19 +266,15 @@ class HarvestedShards(CachedShards):
             log.info(f"resuming {target}: {writer.shards_written} shard(s), {writer.rows_written} rows on disk")
 
         bar = self._progress_bar(initial=writer.rows_written)
-        batches = _batched(self.contexts(lm), self.batch_size)
+        batches = batched(self.contexts(lm), self.batch_size)
         try:
             for index, batch in enumerate(batches):
                 if index < start_batch:
                     continue
                 counts_before = dict(counts)
-                tokens = torch.from_numpy(np.stack(batch))
-                acts = hook_activations(lm, tokens, self.hook).float().cpu()
-                keep = self.keep_mask(tokens, acts, special_ids, counts)
-                rows, ids = acts[keep].numpy(), tokens[keep].numpy()
+                rows, ids = self.activation_rows(lm, batch, special_ids, counts)
+                rows, ids = rows.cpu().numpy(), ids.cpu().numpy()
                 rows, ids = rows[: self.tokens - kept_before], ids[: self.tokens - kept_before]
-                counts["contexts"] += len(batch)
-                counts["tokens_forwarded"] += tokens.numel()
                 dropped_now = min(skip, len(rows))
                 skip -= dropped_now
                 shards_before = writer.shards_written
@@ -318,6 +306,18 @@ class HarvestedShards(CachedShards):
         log.info(f"harvested {kept_before} rows into {target} in {time.time() - started:.1f} s")
         return manifest
 
+    def check_model(self, lm: LanguageModel) -> None:
+        """Refuse a model these settings cannot run on (hook, context length, start and separator tokens)
+        before any forward pass."""
+        if lm.name != self.model:
+            raise HarvestError(f"got the model {lm.name!r}, but this source reads {self.model!r}")
+        check_hook(lm, self.hook)
+        if lm.n_ctx is not None and self.context_length > lm.n_ctx:
+            raise HarvestError(
+                f"context_length={self.context_length} exceeds {self.model}'s maximum of {lm.n_ctx} positions"
+            )
+        token_id(lm.tokenizer, self.context_start), token_id(lm.tokenizer, self.doc_separator)
+
     def contexts(self, lm: LanguageModel) -> Iterator[np.ndarray]:
         """The contexts the harvest feeds to the model, in order: int64 token ids ``[context_length]``."""
         start_id = token_id(lm.tokenizer, self.context_start)
@@ -325,6 +325,25 @@ class HarvestedShards(CachedShards):
         docs = tokenize_documents(lm.tokenizer, self.text.documents())
         contexts = pack_contexts(docs, self.context_length, start_id=start_id, separator_id=separator_id)
         return shuffle_buffer(contexts, self.shuffle_buffer if self.shuffle else 0, self.seed)
+
+    def activation_rows(
+        self,
+        lm: LanguageModel,
+        contexts: list[np.ndarray],
+        special_ids: torch.Tensor,
+        counts: dict[str, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows one batch of contexts gives, ``(float32 [n, d], token ids [n])`` on the model's device, in
+        ``[context, position]`` order: the hook's activations at the positions of :meth:`keep_mask`. The one
+        step from contexts to rows, shared by the harvest and the training stream (:mod:`c2r.data.stream`)."""
+        tokens = torch.from_numpy(np.stack(contexts))
+        acts = hook_activations(lm, tokens, self.hook).float()
+        tokens = tokens.to(acts.device)
+        keep = self.keep_mask(tokens, acts, special_ids, counts)
+        if counts is not None:
+            counts["contexts"] += len(contexts)
+            counts["tokens_forwarded"] += tokens.numel()
+        return acts[keep], tokens[keep]
 
     def dropped_tokens(self, tokenizer: Any) -> dict[str, int]:
         """The tokens whose rows are dropped, ``{token: id}``: every special token with ``drop_special``."""
@@ -434,7 +453,8 @@ def _special_tokens(tokenizer: Any) -> dict[str, int]:
     return {str(t): int(i) for t, i in zip(tokens, ids) if i is not None}
 
 
-def _batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
+def batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `n` items (the last one shorter): the batches of contexts of one forward pass."""
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, n)):
         yield batch
