@@ -69,9 +69,10 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_a_relaunch_ret
     metrics = train(cfg)
     relaunch = time.time() - started
     assert metrics["steps"] == 20 and math.isfinite(metrics["fvu"])
-    # wall time is cumulative: the failed segment's time up to its checkpoint plus this launch, without the second
-    # that segment spent after its checkpoint (a margin of half of it, so a loaded machine cannot fail the test)
-    assert wall_before + 0.8 * relaunch <= metrics["wall_time_s"] <= wall_before + relaunch + 0.5
+    # wall time is cumulative: the failed segment's time up to its checkpoint plus this launch's training, without
+    # the second that segment spent after its checkpoint (a margin of half of it, so a loaded machine cannot fail
+    # the test). This launch's own count starts with fit, after set-up, so only "more than before" is asserted.
+    assert wall_before < metrics["wall_time_s"] <= wall_before + relaunch + 0.5
     assert json.loads((run_dir / "metrics.json").read_text())["wall_time_s"] == metrics["wall_time_s"]
 
 
