@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +43,28 @@ def at_least_fp32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def unit_rows(rows: Tensor) -> Tensor:
-    """The rows scaled to unit norm, detached, in at least fp32."""
-    return F.normalize(at_least_fp32(rows.detach()), dim=1)
+class UnitRows(NamedTuple):
+    """Rows scaled to unit norm (detached, at least fp32) and the norms they were divided by (clamped to ≥ 1e-12
+    like ``F.normalize``). A C²R step normalises its decoder rows once and hands this to the re-rank, the probe and
+    the pair cosines, instead of three passes over ``[F, d]``; every search here accepts it in place of rows."""
+
+    unit: Tensor
+    norms: Tensor
+
+
+def unit_and_norms(rows: Tensor) -> UnitRows:
+    rows = at_least_fp32(rows.detach())
+    norms = torch.linalg.vector_norm(rows, dim=1).clamp_min(1e-12)
+    return UnitRows(rows / norms[:, None], norms)
+
+
+Rows = Tensor | UnitRows
+"""Decoder rows ``[F, d]``, or their :class:`UnitRows` when a caller has already normalised them."""
+
+
+def unit_rows(rows: Rows) -> Tensor:
+    """The rows scaled to unit norm, detached, in at least fp32 (given, if ``rows`` is already :class:`UnitRows`)."""
+    return rows.unit if isinstance(rows, UnitRows) else F.normalize(at_least_fp32(rows.detach()), dim=1)
 
 
 def _tiled_cosines(unit: Tensor, tile_size: int, dtype: torch.dtype | None = None, latents: Tensor | None = None):
@@ -70,20 +90,21 @@ def _argmax_other(unit: Tensor, tile_size: int, latents: Tensor | None = None) -
 
 
 @torch.no_grad()
-def nearest_neighbors_exact(decoder_rows: Tensor, *, tile_size: int = 4096, latents: Tensor | None = None) -> Tensor:
+def nearest_neighbors_exact(decoder_rows: Rows, *, tile_size: int = 4096, latents: Tensor | None = None) -> Tensor:
     """``j(i) = argmax_{j≠i} cos(W_i, W_j)`` over all F rows (LongTensor ``[F]``, or ``[n]`` for the given
     ``latents`` only, at O(n·F·d)).
 
     Computed ``tile_size`` rows at a time, so memory stays O(tile_size·F) rather than O(F²).
     """
     check_tile_size(tile_size)
-    with full_precision(decoder_rows):
-        return _argmax_other(unit_rows(decoder_rows), tile_size, latents)
+    unit = unit_rows(decoder_rows)
+    with full_precision(unit):
+        return _argmax_other(unit, tile_size, latents)
 
 
 @torch.no_grad()
 def nearest_neighbors_chunked(
-    decoder_rows: Tensor,
+    decoder_rows: Rows,
     *,
     chunk_size: int = 8192,
     generator: torch.Generator | None = None,
@@ -98,12 +119,12 @@ def nearest_neighbors_chunked(
     """
     check_chunk_size(chunk_size)
     check_tile_size(tile_size)
-    count = decoder_rows.shape[0]
+    unit = unit_rows(decoder_rows)
+    count = unit.shape[0]
     perm_device = generator.device if generator is not None else torch.device("cpu")
-    perm = torch.randperm(count, generator=generator, device=perm_device).to(decoder_rows.device)
-    with full_precision(decoder_rows):
-        unit = unit_rows(decoder_rows)
-        neighbors = torch.empty(count, dtype=torch.long, device=decoder_rows.device)
+    perm = torch.randperm(count, generator=generator, device=perm_device).to(unit.device)
+    with full_precision(unit):
+        neighbors = torch.empty(count, dtype=torch.long, device=unit.device)
         for chunk in perm.split(chunk_size):
             members = chunk.sort().values
             neighbors[members] = members[_argmax_other(unit[members], tile_size)]
@@ -140,7 +161,7 @@ def _candidate_cosines(unit: Tensor, candidates: Tensor) -> Tensor:
 
 @torch.no_grad()
 def top_candidates(
-    decoder_rows: Tensor,
+    decoder_rows: Rows,
     count: int,
     *,
     tile_size: int = 4096,
@@ -158,11 +179,11 @@ def top_candidates(
     check_tile_size(tile_size)
     if count < 1:
         raise ValueError(f"candidates must be >= 1 (neighbours kept per latent), got {count}")
-    total = decoder_rows.shape[0]
+    unit = unit_rows(decoder_rows)
+    total = unit.shape[0]
     count = min(count, total - 1)
     pool = count if first_pass_dtype is None else min(total - 1, max(pool or 2 * count, count))
-    with full_precision(decoder_rows):
-        unit = unit_rows(decoder_rows)
+    with full_precision(unit):
         kept = torch.empty(total, pool, dtype=torch.long, device=unit.device)
         for start, cosines in _tiled_cosines(unit, tile_size, first_pass_dtype):
             kept[start : start + cosines.shape[0]] = cosines.topk(pool, dim=1, sorted=False).indices
@@ -174,7 +195,7 @@ def top_candidates(
 
 
 @torch.no_grad()
-def best_candidates(decoder_rows: Tensor, candidates: Tensor) -> Tensor:
+def best_candidates(decoder_rows: Rows, candidates: Tensor) -> Tensor:
     """``j(i)`` = the candidate of latent i with the highest *current* cosine (``[F]`` long), in O(F·m·d).
 
     Equals the exact global argmax whenever the true nearest neighbour is among the candidates. Latents
@@ -182,13 +203,14 @@ def best_candidates(decoder_rows: Tensor, candidates: Tensor) -> Tensor:
     """
     if candidates.shape[1] == 0:
         return torch.arange(candidates.shape[0], device=candidates.device)
-    with full_precision(decoder_rows):
-        cosines = _candidate_cosines(unit_rows(decoder_rows), candidates)
+    unit = unit_rows(decoder_rows)
+    with full_precision(unit):
+        cosines = _candidate_cosines(unit, candidates)
     return candidates.gather(1, cosines.argmax(dim=1, keepdim=True)).squeeze(1)
 
 
 @torch.no_grad()
-def repaired_candidates(decoder_rows: Tensor, candidates: Tensor) -> Tensor:
+def repaired_candidates(decoder_rows: Rows, candidates: Tensor) -> Tensor:
     """New lists from the old ones and their neighbours' lists (one step of NN-descent): each latent keeps the
     ``m`` most similar other latents, by current cosines, of the pool ``list(i) ∪ list(c) for c in list(i)``.
 
@@ -202,8 +224,9 @@ def repaired_candidates(decoder_rows: Tensor, candidates: Tensor) -> Tensor:
     if listed * (listed + 1) >= count:  # the pool would cover (nearly) every latent: search them all
         return top_candidates(decoder_rows, listed)
     pool = torch.cat([candidates, candidates[candidates].reshape(count, -1)], dim=1).sort(dim=1).values
-    with full_precision(decoder_rows):
-        cosines = _candidate_cosines(unit_rows(decoder_rows), pool)
+    unit = unit_rows(decoder_rows)
+    with full_precision(unit):
+        cosines = _candidate_cosines(unit, pool)
     repeated = torch.zeros_like(pool, dtype=torch.bool)
     repeated[:, 1:] = pool[:, 1:] == pool[:, :-1]
     cosines[repeated | (pool == torch.arange(count, device=pool.device)[:, None])] = float("-inf")

@@ -250,6 +250,32 @@ def test_module_forward_equals_function():
     torch.testing.assert_close(module(acts, decoder_rows, step=0), c2r_loss(acts, decoder_rows, alpha=2.0))
 
 
+def test_a_c2r_step_normalises_the_rows_once_with_the_plain_value_and_gradients(monkeypatch):
+    """The re-rank, the probe and the pair cosines share one normalisation (c2r.geometry.UnitRows); the loss and
+    its gradients equal the plain function, which normalises on its own."""
+    import c2r.regularizers.c2r as c2r_module
+
+    acts, decoder_rows = random_inputs(8, 64, 5, seed=12)
+    module = C2R(interval=1, probe_latents=16, alpha=1.5)
+    module(acts, decoder_rows, step=0)  # the first call builds the candidate lists
+    calls, original = [], c2r_module.unit_and_norms
+
+    def counted(rows):
+        calls.append(rows.shape)
+        return original(rows)
+
+    monkeypatch.setattr(c2r_module, "unit_and_norms", counted)
+    rows = decoder_rows.clone().requires_grad_()
+    codes = acts.clone().requires_grad_()
+    shared = module(codes, rows, step=1)
+    assert calls == [rows.shape] and module.probe_metrics["probe_agreement"] == 1
+    plain_rows, plain_codes = decoder_rows.clone().requires_grad_(), acts.clone().requires_grad_()
+    plain = c2r_loss(plain_codes, plain_rows, alpha=1.5)
+    torch.testing.assert_close(shared, plain)
+    for got, expected in zip(torch.autograd.grad(shared, (codes, rows)), torch.autograd.grad(plain, (plain_codes, plain_rows))):
+        torch.testing.assert_close(got, expected)
+
+
 def test_chunked_module_is_deterministic_per_step():
     acts, decoder_rows = random_inputs(8, 64, 4, seed=8)
     module = C2R(neighbor_search="chunked", chunk_size=16, seed=3)
@@ -345,6 +371,7 @@ def test_architectures_without_explicit_selection_pass_dense_codes():
 
 # ---------------------------------------------------------------- the written-out gradient of the pair cosines
 def test_pair_cosines_and_their_written_out_gradient_equal_autograd_on_the_plain_formula():
+    from c2r.geometry import unit_and_norms
     from c2r.regularizers.c2r import PairCosines
 
     gen = torch.Generator().manual_seed(3)
@@ -355,7 +382,7 @@ def test_pair_cosines_and_their_written_out_gradient_equal_autograd_on_the_plain
     upstream = torch.randn(30, generator=gen, dtype=torch.float64)
     unit = torch.nn.functional.normalize(rows, dim=1)
     plain = (unit * unit[neighbors]).sum(dim=1)
-    got = PairCosines.apply(rows, neighbors)
+    got = PairCosines.apply(rows, neighbors, unit_and_norms(rows))
     torch.testing.assert_close(got, plain)
     torch.testing.assert_close(*(torch.autograd.grad(c, rows, upstream)[0] for c in (got, plain)))
-    assert torch.autograd.gradcheck(lambda r: PairCosines.apply(r, neighbors), (rows,))
+    assert torch.autograd.gradcheck(lambda r: PairCosines.apply(r, neighbors, unit_and_norms(r)), (rows,))

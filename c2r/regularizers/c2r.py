@@ -28,6 +28,8 @@ import torch.distributed.nn.functional as distributed_functional
 from torch import Tensor
 
 from c2r.geometry import (
+    Rows,
+    UnitRows,
     at_least_fp32,
     best_candidates,
     check_chunk_size,
@@ -37,6 +39,7 @@ from c2r.geometry import (
     nearest_neighbors_exact,
     repaired_candidates,
     top_candidates,
+    unit_and_norms,
 )
 from c2r.sae.base import SparseCodes
 from c2r.seeds import stream_generator
@@ -74,7 +77,7 @@ def _check_alpha(alpha: float) -> None:
 
 
 def find_neighbors(
-    decoder_rows: Tensor,
+    decoder_rows: Rows,
     neighbor_search: str = "exact",
     *,
     chunk_size: int = 8192,
@@ -115,31 +118,33 @@ class PairCosines(torch.autograd.Function):
     With ``ŵ = W/‖W‖`` and ``c_i = ŵ_i·ŵ_j``: ``∂c_i/∂W_i = (ŵ_j − c_i ŵ_i)/‖W_i‖`` and ``∂c_i/∂W_j = (ŵ_i −
     c_i ŵ_j)/‖W_j‖``. Written out, the backward passes over the ``[F, d]`` rows about 6 times instead of the ~20
     of autograd through ``F.normalize`` and the gather (~3x faster at F=65536, d=576 on CPU); tested against
-    autograd on the plain formula. Rows are clamped to norm ≥ 1e-12 like ``F.normalize``.
+    autograd on the plain formula. ``directions`` are the rows' :class:`~c2r.geometry.UnitRows` (norms clamped to
+    ≥ 1e-12 like ``F.normalize``), computed once by the caller and shared with the neighbour search.
     """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, neighbors: Tensor) -> Tensor:
-        norms = torch.linalg.vector_norm(rows, dim=1).clamp_min(1e-12)
-        unit = rows / norms[:, None]
+    def forward(ctx, rows: Tensor, neighbors: Tensor, directions: UnitRows) -> Tensor:
+        unit, norms = directions
         partner = unit.index_select(0, neighbors)
         cosines = torch.linalg.vecdot(unit, partner)
         ctx.save_for_backward(unit, partner, norms, cosines, neighbors)
         return cosines
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         unit, partner, norms, cosines, neighbors = ctx.saved_tensors
         toward_partner = torch.addcmul(partner, unit, cosines[:, None], value=-1).mul_((grad / norms)[:, None])
         toward_self = torch.addcmul(unit, partner, cosines[:, None], value=-1).mul_((grad / norms.index_select(0, neighbors))[:, None])
-        return toward_partner.index_add_(0, neighbors, toward_self), None
+        return toward_partner.index_add_(0, neighbors, toward_self), None, None
 
 
-def pair_similarity(decoder_rows: Tensor, neighbors: Tensor) -> Tensor:
+def pair_similarity(decoder_rows: Tensor, neighbors: Tensor, directions: UnitRows | None = None) -> Tensor:
     """``s_i = max(0, cos(W_i, W_{j(i)}))²`` for given ``neighbors = j`` (``[F]``), 0 where ``j(i) == i`` (no
-    neighbour); differentiable in the rows, in at least fp32 with autocast off. Shared by C²R and OrtSAE."""
+    neighbour); differentiable in the rows, in at least fp32 with autocast off. Shared by C²R and OrtSAE.
+    ``directions``: the rows' :func:`~c2r.geometry.unit_and_norms` where the caller already has them."""
     with full_precision(decoder_rows):
-        cosines = PairCosines.apply(at_least_fp32(decoder_rows), neighbors)
+        rows = at_least_fp32(decoder_rows)
+        cosines = PairCosines.apply(rows, neighbors, unit_and_norms(rows) if directions is None else directions)
         has_neighbor = neighbors != torch.arange(neighbors.shape[0], device=neighbors.device)
         return torch.where(has_neighbor, cosines.clamp_min(0).square(), 0.0)
 
@@ -151,6 +156,7 @@ def pair_loss(
     *,
     alpha: float = 1.0,
     across_ranks: bool = False,
+    directions: UnitRows | None = None,
 ) -> Tensor:
     """The differentiable C²R loss (scalar) for given neighbours ``j = neighbors`` (``[F]``, long).
 
@@ -158,11 +164,12 @@ def pair_loss(
     are touched. Latents with ``j(i) == i`` have no
     neighbour and add 0. Gradients stay finite for dead latents (all-zero columns, where ‖·‖ has no
     derivative) and for ``n_i + n_j = 0`` with ``alpha < 1`` (where the power's derivative is infinite):
-    the power is taken only on positive bases and is 0 elsewhere. ``across_ranks``: see :func:`latent_norms`.
+    the power is taken only on positive bases and is 0 elsewhere. ``across_ranks``: see :func:`latent_norms`;
+    ``directions``: see :func:`pair_similarity`.
     """
     _check_alpha(alpha)
     norms = latent_norms(acts, across_ranks=across_ranks)
-    similarity = pair_similarity(decoder_rows, neighbors)
+    similarity = pair_similarity(decoder_rows, neighbors, directions)
     with full_precision(norms):
         base = norms + norms[neighbors]
         positive = base > 0
@@ -296,10 +303,13 @@ class C2R(Regularizer):
         self.refresh_metrics: dict[str, Tensor] = {}
         self.probe_metrics: dict[str, Tensor] = {}
 
-    def neighbors(self, decoder_rows: Tensor, step: int) -> Tensor:
+    @torch.no_grad()
+    def neighbors(self, decoder_rows: Rows, step: int) -> Tensor:
         """``j(i)`` for every latent at ``step`` (no gradient), identical on every DDP rank."""
+        if not isinstance(decoder_rows, UnitRows):
+            decoder_rows = unit_and_norms(decoder_rows)  # once, for the re-rank, the probe and a repair
         if self.neighbor_search == "candidates":
-            if self.candidate_lists.shape[0] != decoder_rows.shape[0] or step - self.refreshed_at >= self.refresh_every:
+            if self.candidate_lists.shape[0] != decoder_rows.unit.shape[0] or step - self.refreshed_at >= self.refresh_every:
                 return _same_on_all_ranks(self.refresh(decoder_rows, step))
             chosen = best_candidates(decoder_rows, self.candidate_lists)
             if self.probe_latents and self.calls % self.probe_every == 0:
@@ -318,7 +328,7 @@ class C2R(Regularizer):
         )
 
     @torch.no_grad()
-    def refresh(self, decoder_rows: Tensor, step: int) -> Tensor:
+    def refresh(self, decoder_rows: Rows, step: int) -> Tensor:
         """Recompute the candidate lists (the only O(F²·d) work of this mode), log how many of the fresh exact
         neighbours the old lists held, and return those exact neighbours (the best of the fresh lists)."""
         fresh = _same_on_all_ranks(
@@ -335,7 +345,7 @@ class C2R(Regularizer):
         return exact
 
     @torch.no_grad()
-    def repair(self, decoder_rows: Tensor) -> Tensor:
+    def repair(self, decoder_rows: Rows) -> Tensor:
         """Mend the lists from the neighbours' lists (O(F·m²·d), see :func:`repaired_candidates`) and return the
         best of the mended lists: what a stale probe tries before a full refresh."""
         self.candidate_lists = _same_on_all_ranks(repaired_candidates(decoder_rows, self.candidate_lists))
@@ -344,12 +354,12 @@ class C2R(Regularizer):
         return best_candidates(decoder_rows, self.candidate_lists)
 
     @torch.no_grad()
-    def _probe_misses(self, decoder_rows: Tensor, chosen: Tensor, step: int, stream: str) -> Tensor:
+    def _probe_misses(self, decoder_rows: UnitRows, chosen: Tensor, step: int, stream: str) -> Tensor:
         """The share of a random sample of latents (drawn from ``stream`` at ``step``: the same sample on every
         DDP rank) whose chosen neighbour is not the exact one, at O(probe_latents·F·d)."""
-        count = decoder_rows.shape[0]
+        count = decoder_rows.unit.shape[0]
         sample = torch.randperm(count, generator=stream_generator(self.seed, stream, step))[: self.probe_latents]
-        sample = sample.to(decoder_rows.device)
+        sample = sample.to(decoder_rows.unit.device)
         exact = nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size, latents=sample)
         return _same_on_all_ranks((chosen[sample] != exact).float().mean())
 
@@ -357,26 +367,31 @@ class C2R(Regularizer):
         """More misses than a quarter of what the target allows (a device->host read)."""
         return bool(misses > (1 - self.target_agreement) / 4)
 
-    def _first_pass_dtype(self, decoder_rows: Tensor) -> torch.dtype | None:
-        if self.refresh_precision == "bfloat16" or (self.refresh_precision == "auto" and decoder_rows.is_cuda):
+    def _first_pass_dtype(self, decoder_rows: Rows) -> torch.dtype | None:
+        on_cuda = (decoder_rows.unit if isinstance(decoder_rows, UnitRows) else decoder_rows).is_cuda
+        if self.refresh_precision == "bfloat16" or (self.refresh_precision == "auto" and on_cuda):
             return torch.bfloat16
         return None
 
     def forward(self, acts: Tensor | SparseCodes, decoder_rows: Tensor, step: int) -> Tensor:
         """The raw (unweighted) C²R loss of the codes (dense ``[B, F]`` or sparse entries) and
         ``decoder_rows [F, d]`` at ``step``."""
-        neighbors = self.neighbors(decoder_rows, step)
+        with torch.no_grad(), full_precision(decoder_rows):
+            directions = unit_and_norms(decoder_rows)
+        neighbors = self.neighbors(directions, step)
         self.metrics = {**self.refresh_metrics, **self.probe_metrics}
-        loss = pair_loss(acts, decoder_rows, neighbors, alpha=self.alpha, across_ranks=_distributed())
+        loss = pair_loss(acts, decoder_rows, neighbors, alpha=self.alpha, across_ranks=_distributed(), directions=directions)
         if self.audit_every and self.calls % self.audit_every == 0:
-            self._audit(acts, decoder_rows, neighbors, loss.detach(), step)
+            self._audit(acts, decoder_rows, directions, neighbors, loss.detach(), step)
         self.calls += 1
         return loss
 
     @torch.no_grad()
-    def _audit(self, acts: Tensor | SparseCodes, decoder_rows: Tensor, chosen: Tensor, loss: Tensor, step: int) -> None:
-        exact = _same_on_all_ranks(nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size))
-        exact_loss = pair_loss(acts, decoder_rows, exact, alpha=self.alpha, across_ranks=_distributed())
+    def _audit(
+        self, acts: Tensor | SparseCodes, decoder_rows: Tensor, directions: UnitRows, chosen: Tensor, loss: Tensor, step: int
+    ) -> None:
+        exact = _same_on_all_ranks(nearest_neighbors_exact(directions, tile_size=self.tile_size))
+        exact_loss = pair_loss(acts, decoder_rows, exact, alpha=self.alpha, across_ranks=_distributed(), directions=directions)
         self.metrics["exact_agreement"] = (chosen == exact).float().mean()
         self.metrics["exact_loss_ratio"] = torch.where(exact_loss > 0, loss / exact_loss, 1.0)
         if self.neighbor_search == "candidates":
