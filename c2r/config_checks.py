@@ -32,6 +32,11 @@ def check_train_config(cfg: DictConfig) -> None:
     check_hardware(cfg.hardware)
     if data_mode(cfg.data) == "stream":
         check_ce_contexts_are_reserved(cfg)
+    if "d_in" in cfg.model:
+        raise ConfigError(
+            f"model.d_in={cfg.model.d_in}: the SAE's width is the data's; set data.d_in instead (or leave it null "
+            "with data=shards to take the shards' width)"
+        )
     groups = {"model": cfg.model, "regularizer": cfg.regularizer, "data.source": cfg.data.source}
     groups.update({f"extra_regularizers.{name}": node for name, node in (cfg.get("extra_regularizers") or {}).items()})
     for where, node in groups.items():

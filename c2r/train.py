@@ -51,10 +51,10 @@ def build_regularizers(cfg: DictConfig) -> dict[str, Regularizer]:
 
 
 def resolve_d_in(configured: int | None, from_shards: int, shard_dir: Path) -> int:
-    """The SAE width: the shards' width, which a configured ``model.d_in`` must match."""
+    """The SAE width: the shards' width, which a configured ``data.d_in`` must match."""
     if configured is not None and configured != from_shards:
         raise ValueError(
-            f"the shards in {shard_dir} have d={from_shards}, but the SAE expects model.d_in={configured}: "
+            f"the shards in {shard_dir} have d={from_shards}, but data.d_in={configured}: "
             f"point data at shards of the right layer/model, or set data.d_in={from_shards}"
         )
     return from_shards
@@ -94,14 +94,16 @@ def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, 
     max_steps = cfg.train_tokens // cfg.batch_size
     L.seed_everything(cfg.seed, workers=True)
     regularizers = build_regularizers(cfg)
-    # Constructors validate their arguments, so building the SAE before the data work makes bad input fail
-    # before any compute; only when the width is left to the shards (data=shards) do they come first.
-    sae = instantiate(cfg.model) if cfg.model.d_in is not None else None
+    # The model config is partial: its width is the data's. Constructors validate their arguments, so building
+    # the SAE before the data work makes bad input fail before any compute; only when the width is left to the
+    # shards (data=shards) do the shards come first.
+    make_sae = instantiate(cfg.model)
+    sae = make_sae(d_in=cfg.data.d_in) if cfg.data.d_in is not None else None
 
     datamodule = build_datamodule(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, run_dir=run_dir)
     shard_dir = datamodule.source.ensure()  # data.mode=stream: the held-out set only
-    d_in = resolve_d_in(cfg.model.d_in, datamodule.d_in, shard_dir)
-    sae = sae or instantiate(cfg.model, d_in=d_in)
+    d_in = resolve_d_in(cfg.data.d_in, datamodule.d_in, shard_dir)
+    sae = sae or make_sae(d_in=d_in)
     sae.init_decoder_bias(datamodule.sample_rows(min(DECODER_BIAS_SAMPLE_ROWS, datamodule.manifest.train_rows)))
 
     module = SAEModule(sae, regularizers, **cfg.optim, total_steps=max_steps)

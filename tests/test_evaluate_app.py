@@ -36,7 +36,7 @@ def run_dir(compose_train, tmp_path):
         del saved["hydra"]
     OmegaConf.save(saved, run / ".hydra" / "config.yaml")
     manifest = Manifest.load(instantiate(cfg.data.source).ensure())
-    export_sae(instantiate(cfg.model), run / "sae", normalization_factor=manifest.normalization_factor)
+    export_sae(instantiate(cfg.model)(d_in=cfg.data.d_in), run / "sae", normalization_factor=manifest.normalization_factor)
     return run
 
 

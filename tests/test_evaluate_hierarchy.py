@@ -110,5 +110,5 @@ def test_config_option_composes_and_instantiates(compose_train):
     cfg = compose_train("data=synthetic_hierarchy", "data.source.rows=8192", "data.source.rows_per_shard=4096",
                         "data.source.val_shards=1", *TINY_JOB)
     src = instantiate(cfg.data.source)
-    assert isinstance(src, HierarchicalShards) and src.d == cfg.data.d_in == cfg.model.d_in
+    assert isinstance(src, HierarchicalShards) and src.d == cfg.data.d_in and "d_in" not in cfg.model
     assert load_ground_truth(src.ensure()).parents is not None

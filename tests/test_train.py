@@ -134,7 +134,14 @@ def write_shards(directory, rows):
 def test_shard_width_must_match_the_sae(compose_train, tmp_path):
     write_shards(tmp_path / "shards", np.random.default_rng(0).normal(size=(1024, 32)).astype(np.float32))
     cfg = compose_train(*TINY_JOB, "data=shards", f"data.path={tmp_path / 'shards'}", "data.d_in=64")
-    with pytest.raises(ValueError, match=r"have d=32, but the SAE expects model.d_in=64"):
+    with pytest.raises(ValueError, match=r"have d=32, but data.d_in=64"):
+        train(cfg)
+
+
+def test_the_sae_width_is_the_datas_and_model_d_in_is_refused(compose_train, tmp_path):
+    write_shards(tmp_path / "shards", np.random.default_rng(0).normal(size=(1024, 32)).astype(np.float32))
+    cfg = compose_train(*TINY_JOB, "data=shards", f"data.path={tmp_path / 'shards'}", "+model.d_in=32")
+    with pytest.raises(ValueError, match=r"model.d_in=32: the SAE's width is the data's; set data.d_in instead"):
         train(cfg)
 
 
