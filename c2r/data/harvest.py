@@ -18,6 +18,7 @@ import errno
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def _log_waiting(target: Path):
-    """The lock's ``on_busy``: say why nothing happens yet, then wait (concurrent harvests of one directory, DDP ranks
-    or two jobs, take turns; the second then finds the finished shards)."""
-    return lambda owner: log.info(f"another process (PID {owner}) is harvesting into {target}; waiting for it")
+def log_waiting(what: str) -> Callable[[str], None]:
+    """A lock's ``on_busy`` that says why nothing happens yet, then waits: concurrent harvests of one directory (DDP
+    ranks, two jobs) take turns, and the second then finds the finished shards."""
+    return lambda owner: log.info(f"another process (PID {owner}) is {what}; waiting for it")
 
 
 class HarvestedShards(ActivationRecipe, CachedShards):
@@ -97,9 +98,11 @@ class HarvestedShards(ActivationRecipe, CachedShards):
         target = self.shard_dir
         if not (target / MANIFEST_NAME).is_file():
             self.harvest()
-        return self._load(target).directory
+        return self.load_manifest().directory
 
-    def _load(self, target: Path) -> Manifest:
+    def load_manifest(self) -> Manifest:
+        """The cached shards' manifest, their files checked (a damaged cache says how to get it back)."""
+        target = self.shard_dir
         try:
             return Manifest.load(target)
         except (OSError, ValueError) as err:
@@ -114,9 +117,9 @@ class HarvestedShards(ActivationRecipe, CachedShards):
         """
         target = self.shard_dir
         target.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(target / LOCK_NAME, on_busy=_log_waiting(target)):
+        with exclusive_lock(target / LOCK_NAME, on_busy=log_waiting(f"harvesting into {target}")):
             if (target / MANIFEST_NAME).is_file():  # another process finished it while we waited
-                return self._load(target)
+                return self.load_manifest()
             try:
                 return self._harvest(target, model)
             except OSError as err:
@@ -185,7 +188,7 @@ class HarvestedShards(ActivationRecipe, CachedShards):
         finally:
             bar.close()
 
-        writer.source = self._describe(d, special, counts, kept_before, time.time() - started)
+        writer.source = self.provenance(d, special, counts, kept_before, time.time() - started)
         try:
             manifest = writer.finalize(val_shards=self.val_shards)
         except ValueError as err:
@@ -206,7 +209,7 @@ class HarvestedShards(ActivationRecipe, CachedShards):
             desc=f"harvest {self.model} {self.hook}", disable=not self.show_progress,
         )
 
-    def _describe(
+    def provenance(
         self, d: int, special: dict[str, int], counts: dict[str, int], rows: int, seconds: float
     ) -> dict[str, Any]:
         """The manifest's ``source``: provenance in readable form, plus the full key."""
