@@ -33,7 +33,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-import c2r.data.harvest as harvest_module
+import c2r.data.activations as pipeline_module
 from c2r.data.harvest import HarvestedShards
 from c2r.data.lm import hook_activations
 
@@ -74,7 +74,7 @@ def main() -> None:
     bare_before = bare_forward(loader, lm, contexts)
 
     forward_s = [0.0]
-    untimed = harvest_module.hook_activations
+    untimed = pipeline_module.hook_activations
 
     def timed(*a, **k):
         began = time.perf_counter()
@@ -82,7 +82,7 @@ def main() -> None:
         forward_s[0] += time.perf_counter() - began
         return out
 
-    harvest_module.hook_activations = timed
+    pipeline_module.hook_activations = timed
     with tempfile.TemporaryDirectory() as tmp:
         source = HarvestedShards(**settings)
         source.cache_dir = Path(tmp)  # fresh shards; the text and model copies stay in cache_dir
@@ -90,7 +90,7 @@ def main() -> None:
         manifest = source.harvest(model=lm)
         harvest_s = time.perf_counter() - started
         info = manifest.source
-    harvest_module.hook_activations = untimed
+    pipeline_module.hook_activations = untimed
     bare_after = bare_forward(loader, lm, contexts)
     forwarded = info["tokens_forwarded"]
     bare_rate = len(contexts) * context_length / ((bare_before + bare_after) / 2)

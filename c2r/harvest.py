@@ -5,6 +5,10 @@ shards a training run with the same ``data`` settings would use (and finds them 
 harvest resumes when the command is run again. ``verify=true`` (the selected data's directory) or
 ``verify=<dir>`` re-checks every file's shape, dtype and sha256 (:func:`c2r.data.shards.verify`) and exits with
 status 1 if any is damaged, saying how to get the shards back for the source that wrote them.
+
+``parts=N part=i`` harvests only part ``i`` of ``N`` (shards ``i, i+N, ...``, :mod:`c2r.data.harvest_parts`): N
+processes or Slurm array tasks write one shard set together, byte for byte the single-process one; the last part
+to finish writes the manifest, or ``parts=N finalize=true`` once all are done.
 """
 
 from __future__ import annotations
@@ -17,15 +21,29 @@ import hydra
 from omegaconf import DictConfig
 
 from c2r.data.shards import Manifest, recreate_hint, verify
+from c2r.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 def harvest(cfg: DictConfig) -> Path:
-    """Create (or find) the shards of ``cfg.data``; returns their directory."""
+    """Create (or find) the shards of ``cfg.data``, or this process's part of them (``parts``, ``part``,
+    ``finalize``); returns their directory."""
+    from c2r.data.harvest_parts import check_split, finalize_parts, harvest_part
     from c2r.data.modes import shard_source
 
-    directory = shard_source(cfg.data).ensure()  # data.mode=stream: the held-out set a streamed run needs
+    source = shard_source(cfg.data)  # data.mode=stream: the held-out set a streamed run needs
+    parts, part, finalize = cfg.get("parts", 1), cfg.get("part"), bool(cfg.get("finalize", False))
+    check_split(source, parts, part, finalize)
+    if parts == 1:
+        directory = source.ensure()
+    elif finalize:
+        directory = finalize_parts(source, parts).directory
+    elif harvest_part(source, part, parts) is None:
+        log.info(f"part {part} of {parts} written into {source.shard_dir}; the last part to finish writes the manifest")
+        return source.shard_dir
+    else:
+        directory = source.shard_dir
     manifest = Manifest.load(directory)
     provenance = manifest.source
     log.info(
@@ -39,7 +57,11 @@ def harvest(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path="pkg://c2r.conf", config_name="harvest")
 def main(cfg: DictConfig) -> None:
     if cfg.verify is None or cfg.verify is False:
-        print(harvest(cfg))
+        try:
+            print(harvest(cfg))
+        except UserError as error:  # a diagnosis, not a bug: one line, status 1
+            print(f"{type(error).__name__}: {error}", file=sys.stderr)
+            sys.exit(1)
         return
     from c2r.data.modes import shard_source
 

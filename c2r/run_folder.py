@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from c2r.errors import UserError
-from c2r.storage import atomic_write_text
+from c2r.storage import atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +91,15 @@ def claimed(run_dir: Path, cfg: DictConfig) -> Iterator[None]:
 def locked(run_dir: Path) -> Iterator[None]:
     """An exclusive lock on ``run_dir`` (released when the process ends, however it ends)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "unknown"
-            raise RunFolderBusy(
-                f"{run_dir} is in use by another training process (PID {owner}): wait for it to end, "
-                "or train into another folder (hydra.run.dir=...)"
-            ) from None
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def refuse(owner: str) -> None:
+        raise RunFolderBusy(
+            f"{run_dir} is in use by another training process (PID {owner}): wait for it to end, "
+            "or train into another folder (hydra.run.dir=...)"
+        ) from None
+
+    with exclusive_lock(run_dir / LOCK, on_busy=refuse):
+        yield
 
 
 def check_config_unchanged(run_dir: Path, cfg: DictConfig) -> None:

@@ -1,5 +1,5 @@
 """How c2r stores what it computes: files and folders replaced atomically, cache folders named by a content key of
-their settings.
+their settings, and one process at a time in a folder (:func:`exclusive_lock`).
 
 Every file or folder c2r writes for later (shards, manifests, checkpoints, configs, metrics, caches) goes through
 :func:`atomic_path` (or :func:`atomic_write`, built on it), so a reader sees the old version or the complete new
@@ -76,6 +76,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def free_bytes(path: str | Path) -> float:
+    """Free space on the disk holding ``path``, in bytes (NaN where it cannot be read)."""
+    try:
+        return float(shutil.disk_usage(path).free)
+    except OSError:
+        return float("nan")
+
+
 def _fsync_dir(directory: Path) -> None:
     """Persist a rename (POSIX); silently skipped where directories cannot be opened (Windows)."""
     try:
@@ -106,3 +114,37 @@ def digest(chunks: Iterable[bytes], length: int = 16) -> str:
 def content_key(settings: Mapping[str, Any], length: int = 16) -> str:
     """The cache key of ``settings`` (JSON, keys sorted): equal settings share a cache, different ones never do."""
     return digest([json.dumps(settings, sort_keys=True).encode("utf-8")], length)
+
+
+# --------------------------------------------------------------------------------------------------
+# Locks
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, on_busy: Callable[[str], object]) -> Iterator[None]:
+    """Hold an exclusive POSIX ``flock`` on the file ``path`` (created if missing; it holds the owner's PID), released
+    when the block ends or the process dies, however it dies.
+
+    When another process holds it, ``on_busy(owner PID)`` is called first: to refuse, raise from it; if it returns,
+    this waits for the lock. A no-op where ``fcntl`` is missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            on_busy(handle.read().strip() or "unknown")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -65,11 +65,15 @@ def compose_train(tmp_path):
     GlobalHydra.instance().clear()
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a command run as a user would: this test's (cache, W&B) with unbuffered output."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 def run_cli(module: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m <module> <args>`` as a user would, capturing its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
     )
 
 

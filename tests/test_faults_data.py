@@ -219,7 +219,7 @@ def test_disk_space_message_offers_float16_only_when_it_is_not(tmp_path, monkeyp
                              text={"dataset": "jsonl", "data_files": str(docs)}, context_start="bos",
                              doc_separator="eos", context_length=16, tokens=256,
                              rows_per_shard=64, progress=False, device="cpu", cache_dir=tmp_path / "cache")
-    monkeypatch.setattr("c2r.data.harvest.shutil.disk_usage", lambda path: SimpleNamespace(free=1000))
+    monkeypatch.setattr("c2r.storage.shutil.disk_usage", lambda path: SimpleNamespace(free=1000))
     with pytest.raises(HarvestError, match="not enough disk space.*lower tokens") as err:
         source.ensure()
     assert ("dtype=float16" in str(err.value)) == (dtype == "float32")

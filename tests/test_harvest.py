@@ -142,7 +142,7 @@ def test_outlier_rows_are_dropped_and_counted(docs, tmp_path):
 def test_identical_settings_never_harvest_twice(docs, tmp_path, monkeypatch):
     directory = tiny(docs, tmp_path / "cache").ensure()
     stamp = (directory / "manifest.json").stat().st_mtime_ns
-    monkeypatch.setattr("c2r.data.harvest.load_model", lambda *a, **k: pytest.fail("harvested again"))
+    monkeypatch.setattr("c2r.data.activations.load_model", lambda *a, **k: pytest.fail("harvested again"))
     assert tiny(docs, tmp_path / "cache", batch_size=7, device="cpu").ensure() == directory  # speed-only changes
     assert (directory / "manifest.json").stat().st_mtime_ns == stamp
     assert not (directory / PROGRESS_NAME).exists()
@@ -203,17 +203,19 @@ def kill_after(monkeypatch, shards: int, before_progress: bool, keep_progress_of
         if len(written) == shards and before_progress:
             raise Killed()
 
-    original_progress = HarvestedShards._write_progress
+    from c2r.data import harvest
 
-    def write_progress(self, target, *args):
-        original_progress(self, target, *args)
+    original_progress = harvest.write_progress
+
+    def write_progress(target, *args):
+        original_progress(target, *args)
         if len(written) == keep_progress_of:
             saved["text"] = (target / PROGRESS_NAME).read_text()
         if len(written) == shards:
             raise Killed()
 
     monkeypatch.setattr(ShardWriter, "_write_shard", write_shard)
-    monkeypatch.setattr(HarvestedShards, "_write_progress", write_progress)
+    monkeypatch.setattr(harvest, "write_progress", write_progress)
     return saved
 
 

@@ -3,7 +3,7 @@ paper's scale needs no terabytes of shards.
 
 Everything from text to rows is the harvest's (:class:`~c2r.data.harvest.HarvestedShards`, called the *recipe*
 here): its context stream (text, packing, context shuffle), its batches of ``batch_size`` contexts and
-:meth:`~c2r.data.harvest.HarvestedShards.activation_rows` (hook, dropped special tokens, outliers), so a streamed
+:meth:`~c2r.data.activations.ActivationRecipe.activation_rows` (hook, dropped special tokens, outliers), so a streamed
 row equals the row a harvest of the same settings writes.
 
 **Which text trains.** The recipe's context stream is cut in three: the contexts of the held-out harvest (a
@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from c2r.data.harvest import HarvestedShards, batched
+from c2r.data.activations import batched
+from c2r.data.harvest import HarvestedShards
 from c2r.data.lm import LanguageModel
 from c2r.errors import UserError
 from c2r.seeds import stream_generator

@@ -33,7 +33,7 @@ from c2r.data.shards.manifest import (
 )
 from c2r.data.shards.read import ShardIntegrityError, ShardReader, check_rows, open_shard
 from c2r.data.shards.verify import verify
-from c2r.data.shards.writer import ShardWriter, check_shard_split
+from c2r.data.shards.writer import ShardWriter, build_manifest, check_shard_split, stored_arrays, write_shard
 
 __all__ = [
     "FORMAT_VERSION",
@@ -46,6 +46,7 @@ __all__ = [
     "ShardIntegrityError",
     "ShardReader",
     "ShardWriter",
+    "build_manifest",
     "check_rows",
     "check_shard_split",
     "list_complete_shards",
@@ -56,5 +57,7 @@ __all__ = [
     "sha256_file",
     "shard_name",
     "tokens_name",
+    "stored_arrays",
     "verify",
+    "write_shard",
 ]

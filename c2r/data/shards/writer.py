@@ -37,6 +37,90 @@ def check_shard_split(
         )
 
 
+def stored_arrays(
+    acts: np.ndarray, token_ids: np.ndarray | None, dtype: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows ``[n, d]`` in the storage ``dtype`` and their token ids as int32, as shards store them; refuses values
+    that are or become non-finite and ids outside int32."""
+    if not np.isfinite(acts).all():
+        bad = np.flatnonzero(~np.isfinite(acts).all(axis=1))[:5].tolist()
+        raise ValueError(
+            f"activations contain NaN or inf (rows {bad} of this call); fix the source model/hook "
+            "before writing shards"
+        )
+    with np.errstate(over="ignore"):  # overflow is reported below, with a fix
+        out = acts.astype(dtype)
+    if not np.isfinite(out).all():
+        limit = float(np.finfo(dtype).max)
+        raise ValueError(
+            f"activations overflow {dtype} (largest |value| {float(np.abs(acts).max()):.4g} > "
+            f"{limit:.4g}); write the shards with dtype='float32'"
+        )
+    if token_ids is None:
+        return out, None
+    tokens = np.asarray(token_ids)
+    if tokens.shape != (acts.shape[0],):
+        raise ValueError(f"token_ids must have shape [{acts.shape[0]}] (one per row), got {list(tokens.shape)}")
+    limits = np.iinfo(np.int32)
+    if tokens.size and (tokens.min() < limits.min or tokens.max() > limits.max):
+        raise ValueError("token_ids do not fit in int32")
+    return out, tokens.astype(np.int32)
+
+
+def write_shard(
+    directory: Path, index: int, acts: np.ndarray, tokens: np.ndarray | None, *, seed: int, shuffle: bool = True
+) -> ShardEntry:
+    """Write shard ``index`` (and its token file) into ``directory``, rows permuted by a generator seeded with
+    ``(seed, index)`` unless ``shuffle=False``; returns its manifest entry (split ``train``). The permutation depends
+    on the index alone, so any process writing shard ``index`` from the same rows writes the same bytes."""
+    if shuffle:
+        perm = np.random.default_rng([seed, index]).permutation(len(acts))
+        acts = acts[perm]
+        tokens = None if tokens is None else tokens[perm]
+    tokens_file = tokens_sha = None
+    if tokens is not None:
+        # Token file first: a shard file on disk then always has its token file next to it.
+        tokens_file = tokens_name(index)
+        tokens_sha = write_npy(directory / tokens_file, tokens)
+    sha = write_npy(directory / shard_name(index), acts)
+    mean_sq_norm, max_abs = shard_stats(acts)
+    return ShardEntry(
+        file=shard_name(index),
+        rows=len(acts),
+        sha256=sha,
+        split="train",
+        mean_sq_norm=mean_sq_norm,
+        tokens_file=tokens_file,
+        tokens_sha256=tokens_sha,
+        max_abs=max_abs,
+    )
+
+
+def build_manifest(
+    entries: list[ShardEntry], *, d: int, dtype: str, rows_per_shard: int, val_shards: int, source: dict[str, Any]
+) -> Manifest:
+    """The manifest of the shards ``entries`` (in order): the last ``val_shards`` held out, the normalisation factor
+    from the others. Refuses a layout without a training shard."""
+    n = len(entries)
+    if n == 0:
+        raise ValueError("no rows were added; nothing to finalize")
+    if val_shards >= n:
+        raise ValueError(
+            f"{n} shard(s) written and val_shards={val_shards} would leave no training shard; "
+            f"add more rows (rows_per_shard={rows_per_shard}) or lower val_shards"
+        )
+    for i, entry in enumerate(entries):
+        entry.split = "val" if i >= n - val_shards else "train"
+    return Manifest(
+        d=d,
+        dtype=dtype,
+        rows_per_shard=rows_per_shard,
+        shards=list(entries),
+        normalization_factor=normalization_factor([e for e in entries if e.split == "train"]),
+        source=source,
+    )
+
+
 class ShardWriter:
     """Buffers activation rows and writes them as shuffled, atomically renamed shards.
 
@@ -147,39 +231,10 @@ class ShardWriter:
                 "pass token_ids either on every add() call or on none (the shards of one directory "
                 "either all have token files or none do)"
             )
-        tokens = None
-        if token_ids is not None:
-            tokens = np.asarray(token_ids)
-            if tokens.shape != (acts.shape[0],):
-                raise ValueError(
-                    f"token_ids must have shape [{acts.shape[0]}] (one per row), got {list(tokens.shape)}"
-                )
-            limits = np.iinfo(np.int32)
-            if tokens.size and (tokens.min() < limits.min or tokens.max() > limits.max):
-                raise ValueError("token_ids do not fit in int32")
-            tokens = tokens.astype(np.int32)
-        self._buffer.append((self._cast(acts), tokens))
+        self._buffer.append(stored_arrays(acts, token_ids, self.dtype))
         self._buffered_rows += acts.shape[0]
         if self._buffered_rows >= self.rows_per_shard:
             self._write_full_shards()
-
-    def _cast(self, acts: np.ndarray) -> np.ndarray:
-        """Convert to the storage dtype, refusing values that are or become non-finite."""
-        if not np.isfinite(acts).all():
-            bad = np.flatnonzero(~np.isfinite(acts).all(axis=1))[:5].tolist()
-            raise ValueError(
-                f"activations contain NaN or inf (rows {bad} of this call); fix the source model/hook "
-                "before writing shards"
-            )
-        with np.errstate(over="ignore"):  # overflow is reported below, with a fix
-            out = acts.astype(self.dtype)
-        if not np.isfinite(out).all():
-            limit = float(np.finfo(self.dtype).max)
-            raise ValueError(
-                f"activations overflow {self.dtype} (largest |value| {float(np.abs(acts).max()):.4g} > "
-                f"{limit:.4g}); write the shards with dtype='float32'"
-            )
-        return out
 
     def _write_full_shards(self) -> None:
         acts = np.concatenate([a for a, _ in self._buffer])
@@ -194,29 +249,7 @@ class ShardWriter:
 
     def _write_shard(self, acts: np.ndarray, tokens: np.ndarray | None) -> None:
         index = len(self._entries)
-        if self.shuffle:
-            perm = np.random.default_rng([self.seed, index]).permutation(len(acts))
-            acts = acts[perm]
-            tokens = None if tokens is None else tokens[perm]
-        tokens_file = tokens_sha = None
-        if tokens is not None:
-            # Token file first: a shard file on disk then always has its token file next to it.
-            tokens_file = tokens_name(index)
-            tokens_sha = write_npy(self.directory / tokens_file, tokens)
-        sha = write_npy(self.directory / shard_name(index), acts)
-        mean_sq_norm, max_abs = shard_stats(acts)
-        self._entries.append(
-            ShardEntry(
-                file=shard_name(index),
-                rows=len(acts),
-                sha256=sha,
-                split="train",
-                mean_sq_norm=mean_sq_norm,
-                tokens_file=tokens_file,
-                tokens_sha256=tokens_sha,
-                max_abs=max_abs,
-            )
-        )
+        self._entries.append(write_shard(self.directory, index, acts, tokens, seed=self.seed, shuffle=self.shuffle))
 
     def finalize(self, val_shards: int = 1) -> Manifest:
         """Write the remaining rows as a last (smaller) shard, mark the last ``val_shards`` shards
@@ -230,22 +263,8 @@ class ShardWriter:
             tokens = np.concatenate([t for _, t in self._buffer]) if self._with_tokens else None
             self._write_shard(acts, tokens)
             self._buffer, self._buffered_rows = [], 0
-        n = len(self._entries)
-        if n == 0:
-            raise ValueError("no rows were added; nothing to finalize")
-        if val_shards >= n:
-            raise ValueError(
-                f"{n} shard(s) written and val_shards={val_shards} would leave no training shard; "
-                f"add more rows (rows_per_shard={self.rows_per_shard}) or lower val_shards"
-            )
-        for i, entry in enumerate(self._entries):
-            entry.split = "val" if i >= n - val_shards else "train"
-        manifest = Manifest(
-            d=self.d,
-            dtype=self.dtype,
-            rows_per_shard=self.rows_per_shard,
-            shards=list(self._entries),
-            normalization_factor=normalization_factor([e for e in self._entries if e.split == "train"]),
+        manifest = build_manifest(
+            self._entries, d=self.d, dtype=self.dtype, rows_per_shard=self.rows_per_shard, val_shards=val_shards,
             source=self.source,
         )
         manifest.save(self.directory)
