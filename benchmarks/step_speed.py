@@ -12,7 +12,8 @@ message if that interpreter cannot import sae_lens.
 
     python benchmarks/step_speed.py                        # CPU, 1 thread, d=576, F=16384, k=64, B=2048
     python benchmarks/step_speed.py --device cuda --d 2304 --dict-size 65536 --k 80 --bf16
-    python benchmarks/step_speed.py --end-to-end           # also `python -m c2r.train` tokens/s (TopK, no C²R)
+    python benchmarks/step_speed.py --end-to-end           # also `python -m c2r.train` tokens/s (TopK, without and
+                                                           # with C²R every step; on the SmolLM2 default's rows at d=576)
 
 Writes benchmarks/results/step_speed_<device>.json.
 """
@@ -122,18 +123,30 @@ def summarise(times: dict, replies: dict, batch: int) -> dict[tuple[str, str], d
     return results
 
 
-def end_to_end(args: argparse.Namespace) -> float:
-    """``python -m c2r.train`` on synthetic data of the benchmark's shapes (TopK, no C²R, CSV logger): the
-    median of its logged ``details/tokens_per_second``."""
-    steps = 3 * 10
+END_TO_END_STEPS = {"topk": 30, "topk + C²R": 110}
+"""Steps of each ``python -m c2r.train`` run: with C²R, past one forced refresh of the candidate lists (every 100
+steps), so the rate pays for it as training does."""
+
+
+def end_to_end(args: argparse.Namespace, with_c2r: bool) -> float:
+    """``python -m c2r.train`` (TopK, CSV logger, no evaluation): tokens/s over every logging interval but the
+    first (start-up, and C²R's first refresh), as the harmonic mean of the logged ``details/tokens_per_second``
+    (the intervals hold equal token counts, so this is total tokens / total time). At d=576 it trains on the
+    SmolLM2 default's activations (harvested on first use, ~3.5 min), so C²R's lists age as in real training;
+    other widths on synthetic rows generated for the run."""
+    steps = END_TO_END_STEPS["topk + C²R" if with_c2r else "topk"]
     with tempfile.TemporaryDirectory() as run_dir:
+        data = ["data=smollm2"] if args.d == 576 else [
+            "data=synthetic", f"data.d_in={args.d}", f"data.source.rows={(steps + 8) * args.batch}",
+            f"data.source.rows_per_shard={4 * args.batch}", f"cache_dir={run_dir}/cache",
+        ]
         command = [
-            sys.executable, "-m", "c2r.train", "data=synthetic", "logger=csv", "evaluation=null",
-            f"hardware={'cpu' if args.device == 'cpu' else 'gpu'}", f"data.d_in={args.d}",
-            f"dict_size={args.dict_size}", f"model.k={args.k}", f"batch_size={args.batch}",
-            f"train_tokens={steps * args.batch}", f"data.source.rows={(steps + 8) * args.batch}",
-            f"data.source.rows_per_shard={4 * args.batch}", "trainer.val_check_interval=1000000",
-            "optim.warmup_steps=1", f"hydra.run.dir={run_dir}", f"cache_dir={run_dir}/cache",
+            sys.executable, "-m", "c2r.train", *data, "logger=csv", "evaluation=null",
+            f"hardware={'cpu' if args.device == 'cpu' else 'gpu'}", f"dict_size={args.dict_size}",
+            f"model.k={args.k}", f"batch_size={args.batch}", f"train_tokens={steps * args.batch}",
+            "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1", "optim.warmup_steps=1",
+            f"hydra.run.dir={run_dir}",
+            *(["regularizer=c2r", "regularizer.interval=1", "regularizer.coef=0.03"] if with_c2r else []),
             *([] if args.bf16 or args.device == "cpu" else ["hardware.precision=32-true"]),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
@@ -143,7 +156,7 @@ def end_to_end(args: argparse.Namespace) -> float:
             with metrics.open() as rows:
                 rates += [float(row["details/tokens_per_second"]) for row in csv.DictReader(rows)
                           if row.get("details/tokens_per_second")]
-        return statistics.median(rates[1:] or rates)  # the first interval includes start-up
+        return statistics.harmonic_mean(rates[1:] or rates)
 
 
 def main() -> None:
@@ -177,7 +190,7 @@ def main() -> None:
     # With --end-to-end the training run sits between two halves of the turns, so that it meets the same load.
     first = (args.turns + 1) // 2 if args.end_to_end else args.turns
     take_turns(workers, args, first, times, replies)
-    e2e = end_to_end(args) if args.end_to_end else None
+    e2e = {"topk": end_to_end(args, False), "topk + C²R": end_to_end(args, True)} if args.end_to_end else None
     take_turns(workers, args, args.turns - first, times, replies)
     for worker in workers.values():
         worker.stdin.close()
@@ -194,10 +207,11 @@ def main() -> None:
               f"{result['tokens_per_second']:>9.0f} {ratio or float('nan'):>9.2f} {result['peak_bytes'] / 2**20:>9.0f}")
     if e2e is not None:
         saelens = results.get(("SAELens", "topk"))
-        bare = results.get(("c2r", "topk"))
-        print(f"python -m c2r.train (topk): {e2e:.0f} tokens/s"
-              + (f", {e2e / bare['tokens_per_second']:.2f}× the bare step" if bare else "")
-              + (f", {e2e / saelens['tokens_per_second']:.2f}× SAELens's step" if saelens else ""))
+        for name, rate in e2e.items():
+            bare = results.get(("c2r + C²R" if "C²R" in name else "c2r", "topk"))
+            print(f"python -m c2r.train ({name}, {END_TO_END_STEPS[name]} steps): {rate:.0f} tokens/s"
+                  + (f", {rate / bare['tokens_per_second']:.2f}× the bare step" if bare else "")
+                  + (f", {rate / saelens['tokens_per_second']:.2f}× SAELens's step" if saelens else ""))
 
     import torch
 
