@@ -100,6 +100,11 @@ def main() -> None:
           f"  {'bare forward':<14}{bare_rate:>12.1f}{'':>12}{'100.0%':>9}\n"
           f"  {'stream':<14}{stream_rate:>12.1f}{result['stream_rows_per_s']:>12.1f}"
           f"{100 * result['stream_vs_bare']:>8.1f}%")
+    before, after = result["bare_forward_before_after_tokens_per_s"]
+    result["load_changed"] = abs(before - after) > 0.1 * max(before, after)
+    if result["load_changed"]:
+        print(f"  the bare pass ran at {before:.0f} tokens/s before and {after:.0f} after the stream: the machine's "
+              "load changed during the run, so the ratio is not comparable; rerun on a quieter machine")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"streaming_{torch.device(args.device).type}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
