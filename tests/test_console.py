@@ -54,6 +54,13 @@ def test_entry_points_import_without_the_heavy_stack(module, heavy):
     assert out.strip() == "[]"
 
 
+def test_training_infrastructure_does_not_import_the_evaluation_package():
+    """Dependencies go one way: the evaluation builds on the training's metrics, never the other way round."""
+    code = "import sys, c2r.callbacks, c2r.loggers, c2r.module; print('c2r.evaluation' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_every_conf_folder_is_a_listed_package():
     """setuptools warns about (and a wheel may drop) yaml folders under conf/ missing from ``packages``."""
     tomllib = pytest.importorskip("tomllib")
