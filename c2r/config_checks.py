@@ -50,8 +50,8 @@ def check_ce_contexts_are_reserved(cfg: DictConfig) -> None:
     from c2r.evaluate import default_settings
     from c2r.evaluation import selected_evals
 
-    evaluation = cfg.get("evaluation") or {}
-    if "ce_loss" not in selected_evals(evaluation.get("evals", "auto")):
+    evaluation = cfg.get("evaluation")
+    if not evaluation or "ce_loss" not in selected_evals(evaluation.evals):
         return
     contexts = (evaluation.get("ce_loss") or {}).get("contexts", default_settings()["ce_loss"]["contexts"])
     reserve = cfg.data.stream.reserve_contexts
