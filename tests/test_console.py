@@ -9,17 +9,14 @@ import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from c2r.callbacks import StepProgressBar
-from conftest import TINY, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = ("litlogger", "💡 Tip", "LeafSpec", "weights_only", "limit_val_batches", "Epoch 0/-2", "anonymous setting",
          "requested", "has only")
 
 
-def test_training_console_has_no_library_noise(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_cli("c2r.train", *TINY, "logger=csv", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_training_console_has_no_library_noise(cli_run):
+    run_dir, result = cli_run
     console = result.stdout + result.stderr
     assert not [line for line in console.splitlines() if any(noise in line for noise in NOISE)], console
     # Lightning's own lines come once (through Hydra's handlers, so also into train.log), not twice.
