@@ -13,7 +13,7 @@ import wandb
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
-from c2r.evaluation.core import decoder_max_cosines
+from c2r.metrics import decoder_max_cosines
 
 log = logging.getLogger(__name__)
 

@@ -53,9 +53,10 @@ def check_ce_contexts_are_reserved(cfg: DictConfig) -> None:
     """A streamed run trains on the contexts after its held-out set and ``data.stream.reserve_contexts`` more; the
     CE-loss evaluation reads the contexts right after the held-out set, so it may ask for at most the reserve."""
     from c2r.evaluate import default_settings
+    from c2r.evaluation import selected_evals
 
-    evaluation = cfg.get("evaluation") or {}
-    if "ce_loss" not in (evaluation.get("evals") or []):
+    evaluation = cfg.get("evaluation")
+    if not evaluation or "ce_loss" not in selected_evals(evaluation.evals):
         return
     contexts = (evaluation.get("ce_loss") or {}).get("contexts", default_settings()["ce_loss"]["contexts"])
     reserve = cfg.data.stream.reserve_contexts

@@ -1,4 +1,5 @@
-"""``python -m c2r.evaluate``: evaluate a trained SAE and write ``eval.json``, ``eval.md`` and ``eval_*.png``.
+"""``python -m c2r.evaluate``: evaluate a trained SAE and write ``eval.json``, ``eval.md`` and ``eval_*.png``; also
+the end-of-training evaluation of ``c2r.train`` (:func:`evaluate_run`, :func:`log_evaluation`).
 
 ``run=<run folder>`` evaluates ``<run>/sae`` on the run's own data config (``<run>/run_config.yaml``) and
 writes into the run folder; ``sae=<exported SAE folder>`` evaluates an SAE on the data selected with ``data=...``.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,6 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 # c2r.evaluation and c2r.export (torch, the LM stack, matplotlib) are imported where they are used, so that
 # --help comes at once.
 from c2r.run_folder import failures_recorded, load_run_config
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import Logger
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,24 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None, **overrides
         else:
             raise ValueError(f"unknown evaluation setting {key!r}; valid: {', '.join((*RUN_SETTINGS, *EVALS))}")
     return evaluate_sae_on(run_dir / "sae", cfg.data, run_dir, settings)
+
+
+def log_evaluation(logger: Logger, result: dict, directory: str | Path, step: int) -> None:
+    """The end-of-training evaluation (what ``eval.json`` in ``directory`` holds) as ``eval/<eval>.<metric>``
+    metrics for the training's logger; W&B also gets them as run summary (sortable in the runs table), one
+    ``eval/table`` and the plots."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from c2r.evaluation import scalar_metrics
+
+    scalars = {f"eval/{name}": value for name, value in scalar_metrics(result).items()}
+    logger.log_metrics(scalars, step=step)
+    if isinstance(logger, WandbLogger):
+        logger.experiment.summary.update(scalars)
+        table = wandb.Table(columns=["metric", "value"], data=[[name, value] for name, value in scalars.items()])
+        plots = [path for name in result.get("evals", []) for path in result.get(name, {}).get("plots", [])]
+        logger.experiment.log({"eval/table": table, **{f"eval/{Path(p).stem}": wandb.Image(str(Path(directory) / p)) for p in plots}})
 
 
 def evaluate(cfg: DictConfig) -> dict:

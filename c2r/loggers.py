@@ -12,8 +12,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import Logger, WandbLogger
 
-from c2r.evaluation import scalar_metrics
-
 
 def wandb_credentials_available() -> bool:
     """True when W&B can upload: an API key in the environment or in ~/.netrc (what `wandb login` writes)."""
@@ -60,19 +58,6 @@ def sweep_group() -> str | None:
 def run_id(run_dir: str | Path) -> str:
     """A W&B run id derived from the run folder, so a relaunched (resumed) job logs into the same W&B run."""
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-
-
-def log_evaluation(logger: Logger, result: dict, directory: str | Path, step: int) -> None:
-    """The end-of-training evaluation (what ``eval.json`` in ``directory`` holds) as ``eval/<eval>.<metric>``
-    metrics for every logger; W&B also gets them as run summary (sortable in the runs table), one
-    ``eval/table`` and the plots."""
-    scalars = {f"eval/{name}": value for name, value in scalar_metrics(result).items()}
-    logger.log_metrics(scalars, step=step)
-    if isinstance(logger, WandbLogger):
-        logger.experiment.summary.update(scalars)
-        table = wandb.Table(columns=["metric", "value"], data=[[name, value] for name, value in scalars.items()])
-        plots = [path for name in result.get("evals", []) for path in result.get(name, {}).get("plots", [])]
-        logger.experiment.log({"eval/table": table, **{f"eval/{Path(p).stem}": wandb.Image(str(Path(directory) / p)) for p in plots}})
 
 
 def finish_logging(logger: Logger, final_metrics: dict[str, float]) -> None:

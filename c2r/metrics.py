@@ -1,11 +1,14 @@
-"""Reconstruction metrics accumulated as exact sums, so a value over many batches (and ranks) equals the value
-over their concatenation. Everything stays a tensor on the device: no host sync on the training path."""
+"""Metrics shared by training and evaluation: reconstruction metrics accumulated as exact sums, so a value over
+many batches (and ranks) equals the value over their concatenation (everything stays a tensor on the device: no
+host sync on the training path), and each latent's decoder cosine to its nearest other latent."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from c2r.geometry import nearest_neighbors_exact
 from c2r.sae.base import SparseCodes
 
 
@@ -54,3 +57,13 @@ def batch_metrics(x: Tensor, recon: Tensor, acts: Tensor | SparseCodes) -> dict[
     stats = ReconstructionStats()
     stats.update(x, recon, acts)
     return ReconstructionStats.compute(stats.sums)
+
+
+def decoder_max_cosines(decoder_rows: Tensor, *, tile_size: int = 4096) -> Tensor:
+    """``c_j = max_{k≠j} cos(W_j, W_k)`` for every row (``[F]`` float64); NaN when F == 1 (no other row)."""
+    rows = decoder_rows.detach().double()
+    if rows.shape[0] < 2:
+        return torch.full((rows.shape[0],), float("nan"), dtype=torch.float64)
+    neighbors = nearest_neighbors_exact(rows, tile_size=tile_size)
+    unit = F.normalize(rows, dim=1)
+    return (unit * unit[neighbors]).sum(dim=1)

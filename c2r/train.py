@@ -83,10 +83,10 @@ def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, 
     from c2r.checkpointing import FinalAndPeriodicCheckpoint, training_plugins
     from c2r.console import hide_lightning_noise
     from c2r.data.modes import build_datamodule
-    from c2r.evaluate import evaluate_run
+    from c2r.evaluate import evaluate_run, log_evaluation
     from c2r.export import export_sae
     from c2r.jsonfile import write_json
-    from c2r.loggers import finish_logging, log_evaluation
+    from c2r.loggers import finish_logging
     from c2r.module import SAEModule
     from c2r.nonfinite import NonFiniteLossGuard, check_finite_metrics
 

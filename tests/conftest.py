@@ -37,12 +37,16 @@ TINY_JOB = [
 TINY = TINY_DATA + TINY_JOB
 
 
-@pytest.fixture(autouse=True)
-def isolated_environment(tmp_path_factory, monkeypatch):
+def _isolate(tmp_path_factory, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path_factory.getbasetemp() / "c2r-cache"  # shared by the session: synthetic shards are reused
     monkeypatch.setenv("C2R_CACHE_DIR", str(cache))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     return cache
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path_factory, monkeypatch):
+    return _isolate(tmp_path_factory, monkeypatch)
 
 
 @pytest.fixture
@@ -75,6 +79,22 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: int = 300) -> subproces
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+CLI_RUN = [*TINY, "regularizer=c2r", "logger=csv"]
+"""The arguments of :func:`cli_run`'s job (without its run folder)."""
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One ``python -m c2r.train`` job as a user launches it, shared by the tests that read its folder, its
+    console or relaunch it: ``(run folder, finished process)``. Tests must not change the folder."""
+    cwd = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as monkeypatch:  # a session fixture is set up before the autouse one
+        _isolate(tmp_path_factory, monkeypatch)
+        result = run_cli("c2r.train", *CLI_RUN, f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "run", result
 
 
 def kill_at_first_checkpoint(train_args: list[str], run_dir: Path, cwd: Path) -> dict:

@@ -305,24 +305,36 @@ def c2r_loss_and_grads(sae, x, neighbor_search, steps=(0, 5)):
     return loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters()}, regularizer.candidate_lists
 
 
-def ddp_worker(rank, world_size, init_file, neighbor_search, out_dir):
+NEIGHBOR_SEARCHES = ["candidates", "exact", "chunked"]
+
+
+def ddp_worker(rank, world_size, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    sae, x = make_sae_and_batch()
-    loss, grads, lists = c2r_loss_and_grads(sae, x[rank * B : (rank + 1) * B], neighbor_search)
-    for grad in grads.values():  # what DistributedDataParallel does with gradients: average over ranks
-        torch.distributed.all_reduce(grad)
-        grad /= world_size
-    torch.save({"loss": loss, "grads": grads, "lists": lists}, os.path.join(out_dir, f"rank{rank}.pt"))
+    for neighbor_search in NEIGHBOR_SEARCHES:
+        sae, x = make_sae_and_batch()
+        loss, grads, lists = c2r_loss_and_grads(sae, x[rank * B : (rank + 1) * B], neighbor_search)
+        for grad in grads.values():  # what DistributedDataParallel does with gradients: average over ranks
+            torch.distributed.all_reduce(grad)
+            grad /= world_size
+        torch.save({"loss": loss, "grads": grads, "lists": lists}, os.path.join(out_dir, f"{neighbor_search}{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("neighbor_search", ["candidates", "exact", "chunked"])
-def test_two_process_c2r_equals_one_process_on_the_concatenated_batch(tmp_path, neighbor_search):
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), neighbor_search, str(tmp_path)), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    """The folder holding each rank's loss, gradients and lists for every search: one spawn of two processes
+    (each start costs seconds of imports) for all of them."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(ddp_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.parametrize("neighbor_search", NEIGHBOR_SEARCHES)
+def test_two_process_c2r_equals_one_process_on_the_concatenated_batch(two_process_results, neighbor_search):
     sae, x = make_sae_and_batch()
     loss, grads, lists = c2r_loss_and_grads(sae, x, neighbor_search)
     for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+        result = torch.load(two_process_results / f"{neighbor_search}{rank}.pt")
         torch.testing.assert_close(result["loss"], loss)
         assert torch.equal(result["lists"], lists)
         for name, grad in grads.items():

@@ -9,17 +9,14 @@ import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from c2r.callbacks import StepProgressBar
-from conftest import TINY, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = ("litlogger", "💡 Tip", "LeafSpec", "weights_only", "limit_val_batches", "Epoch 0/-2", "anonymous setting",
          "requested", "has only")
 
 
-def test_training_console_has_no_library_noise(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_cli("c2r.train", *TINY, "logger=csv", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_training_console_has_no_library_noise(cli_run):
+    run_dir, result = cli_run
     console = result.stdout + result.stderr
     assert not [line for line in console.splitlines() if any(noise in line for noise in NOISE)], console
     # Lightning's own lines come once (through Hydra's handlers, so also into train.log), not twice.
@@ -52,6 +49,13 @@ def test_entry_points_import_without_the_heavy_stack(module, heavy):
     code = f"import sys, {module}; print([name for name in {heavy!r} if name in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_training_infrastructure_does_not_import_the_evaluation_package():
+    """Dependencies go one way: the evaluation builds on the training's metrics, never the other way round."""
+    code = "import sys, c2r.callbacks, c2r.loggers, c2r.module; print('c2r.evaluation' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_every_conf_folder_is_a_listed_package():

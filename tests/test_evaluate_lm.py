@@ -200,6 +200,17 @@ def test_heldout_contexts_fall_back_to_the_validation_shards():
     assert heldout_contexts(source, None, manifest, 3) == ([], {"after_harvest": 0, "from_validation_shards": 0})
 
 
+def test_the_default_evaluation_of_an_lm_run_does_not_warn(source, compose_train):
+    """The quickstart (data=smollm2) evaluates with the training config's defaults: nothing may become a note there
+    (``c2r.evaluate`` prints each note as a warning) for what LM data cannot have, a ground truth."""
+    cfg = compose_train()
+    assert cfg.data.source._target_.endswith("HarvestedShards")
+    result = run_evaluation(Identity(), source.shard_dir, None, evals=cfg.evaluation.evals, tokens=64, source=source,
+                            settings={"ce_loss": {"contexts": CONTEXTS, "batch_size": 4}}, plots=False)
+    assert result["evals"] == ["core", "ce_loss"] and result["notes"] == []
+    assert list(result["not_applicable"]) == ["ground_truth"]
+
+
 def test_synthetic_data_is_skipped_with_a_note_and_unknown_names_fail(tmp_path):
     synthetic = SyntheticShards(d=8, n_features=16, l0=2, rows=512, rows_per_shard=256, cache_dir=tmp_path)
     result = run_evaluation(Identity(8), synthetic.ensure(), None, evals=["core", "ce_loss"], source=synthetic,

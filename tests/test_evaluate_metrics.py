@@ -195,7 +195,8 @@ def test_core_metrics_match_a_naive_computation(tmp_path):
 
 def test_ground_truth_without_hierarchy_and_without_truth(tmp_path):
     """data=synthetic has features but no hierarchy: dictionary metrics only, with a note. Shards without any
-    ground truth (harvested LM activations): the eval is skipped with a note."""
+    ground truth (harvested LM activations): the eval is left out, quietly under evals="auto", with a note when
+    asked for by name."""
     plain = SyntheticShards(d=16, n_features=24, l0=3, rows=2048, rows_per_shard=1024, cache_dir=tmp_path)
     features = plain.features()
     result = evaluate(jumprelu_sae(features.T, features, threshold=0.0), plain.ensure())
@@ -207,8 +208,11 @@ def test_ground_truth_without_hierarchy_and_without_truth(tmp_path):
     writer.add(np.random.default_rng(0).normal(size=(1024, 16)).astype(np.float32))
     writer.finalize(val_shards=1)
     result = evaluate(jumprelu_sae(features.T, features), tmp_path / "lm")
+    assert result["evals"] == ["core"] and "ground_truth" not in result and not result["notes"]
+    assert "has no ground truth" in result["not_applicable"]["ground_truth"]
+    result = evaluate(jumprelu_sae(features.T, features), tmp_path / "lm", evals=["core", "ground_truth"])
     assert result["evals"] == ["core"] and "ground_truth" not in result
-    assert any("ground_truth skipped" in note for note in result["notes"])
+    assert [note for note in result["notes"] if note.startswith("ground_truth skipped: ")]
 
 
 def test_rows_selection_and_notes(unit_magnitudes):

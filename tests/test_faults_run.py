@@ -26,7 +26,7 @@ from c2r.sae import TopKSAE
 from c2r.train import train
 from conftest import TINY, run_cli
 
-C2R = [*TINY, "regularizer=c2r", "regularizer.coef=0.1", "regularizer.interval=1"]
+C2R = [*TINY, "regularizer=c2r", "regularizer.coef=0.1", "regularizer.interval=1", "evaluation=null"]
 
 
 def checkpoint_of(run_dir, name="last.ckpt"):
@@ -147,13 +147,13 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one_or_says_how_to
     compose_train, tmp_path, caplog
 ):
     run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    expected = train(compose_train(*TINY))
+    expected = train(compose_train(*TINY, "evaluation=null"))
     assert checkpoint_of(run_dir, "previous.ckpt")["global_step"] == 20  # the one the final save replaced
     (run_dir / "metrics.json").unlink()
     last = checkpoints / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # truncated
     with caplog.at_level(logging.WARNING):
-        metrics = train(compose_train(*TINY))
+        metrics = train(compose_train(*TINY, "evaluation=null"))
     assert f"{last} is damaged (truncated or empty; moved to last.ckpt.damaged): resuming from" in caplog.text
     assert metrics["fvu"] == pytest.approx(expected["fvu"])
 
@@ -161,7 +161,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one_or_says_how_to
     (checkpoints / "previous.ckpt").unlink()
     last.write_bytes(b"")  # empty, nothing to fall back to
     with pytest.raises(CheckpointDamaged, match=r"last.ckpt is damaged .* delete it to restart this run"):
-        train(compose_train(*TINY))
+        train(compose_train(*TINY, "evaluation=null"))
 
 
 def compose_evaluate(*overrides):

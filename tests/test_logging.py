@@ -8,7 +8,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from c2r.loggers import log_evaluation, sweep_group, wandb_logger
+from c2r.evaluate import log_evaluation
+from c2r.loggers import sweep_group, wandb_logger
 from c2r.train import train
 from conftest import TINY
 

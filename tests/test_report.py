@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from c2r.evaluation import scalar_metrics
+from c2r.evaluation.report import render
 from c2r.export import export_sae
 from c2r.report import COEF_METRICS, Job, coefficient_series, find_jobs, main, pareto_front, write_report
 from c2r.sae import TopKSAE
@@ -51,6 +52,14 @@ def test_scalar_metrics_drops_settings_plots_lists_and_summary_levels():
               "gt": {"summary": {"a": 1.0, "b": None}, "settings": {"x": 1}, "plots": ["p"], "per_parent": [1, 2],
                      "nested": {"c": 2, "flag": True}}}
     assert scalar_metrics(result) == {"gt.a": 1.0, "gt.nested.c": 2}
+
+
+def test_eval_md_advises_the_lm_evaluation_only_where_it_could_run():
+    result = {"sae": {"path": "sae"}, "data": {"rows": 10, "split": "val", "shard_dir": "d"}, "evals": ["core"],
+              "core": {"fvu": 0.1}, "notes": []}
+    assert "add `ce_loss` to `evals`" in render(result)  # LM data, evals=[core]
+    not_lm = render({**result, "not_applicable": {"ce_loss": "the rows do not come from a language model"}})
+    assert "add `ce_loss`" not in not_lm and "evals: core (not applicable to this data: ce_loss)." in not_lm
 
 
 def test_coefficient_series_averages_seeds_per_setting():

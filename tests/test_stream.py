@@ -167,9 +167,10 @@ def test_streaming_needs_a_language_model_and_reserved_ce_contexts(compose_train
 
     with pytest.raises(StreamError, match="data.mode=stream needs a language-model data option"):
         train(compose_train("data=synthetic", "+data.mode=stream", *TINY_JOB))
-    job = [o for o in STREAM_JOB if not o.startswith("+evaluation")]
-    with pytest.raises(ConfigError, match="reads 16 held-out contexts.*raise data.stream.reserve_contexts to 16"):
-        train(compose_train(*job, f"data.text.data_files={docs}", *TINY_JOB))
+    for dropped in (("+evaluation",), ("+evaluation", "evaluation.evals")):  # [core,ce_loss], then evals=auto
+        job = [o for o in STREAM_JOB if not o.startswith(dropped)]
+        with pytest.raises(ConfigError, match="reads 16 held-out contexts.*raise data.stream.reserve_contexts to 16"):
+            train(compose_train(*job, f"data.text.data_files={docs}", *TINY_JOB))
 
 
 def test_a_two_process_ddp_run_streams_one_share_per_rank(docs, tmp_path):

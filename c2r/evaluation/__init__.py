@@ -5,7 +5,8 @@
 ``eval.md`` and the PNG plots. ``python -m c2r.evaluate`` (``c2r/evaluate.py``) is the command-line front end.
 
 Adding an evaluation = one more entry in :data:`EVALS`: a factory ``(ctx: EvalContext, **settings) ->
-StreamingEval | None`` (``None`` = does not apply to this data; append the reason to ``ctx.notes``). Its settings
+StreamingEval | None`` (raise :class:`~c2r.evaluation.base.NotApplicable` when this kind of data cannot support it;
+``None`` = cannot run on this data, with the reason appended to ``ctx.notes``). Its settings
 come from ``conf/evaluate.yaml`` under its name. **The language-model evaluations** (``ce_loss``: CE-loss and KL
 scores, :mod:`c2r.evaluation.ce_loss`; ``first_letter``: SAEBench-style first-letter absorption,
 :mod:`c2r.evaluation.first_letter`) need the LM and the hook that produced the shards (``ctx.source``,
@@ -25,7 +26,7 @@ from torch import nn
 
 from c2r import __version__
 from c2r.data.hierarchy import load_ground_truth
-from c2r.evaluation.base import EvalContext, SAELike, StreamingEval, scalar_metrics
+from c2r.evaluation.base import EvalContext, NotApplicable, SAELike, StreamingEval, scalar_metrics
 from c2r.evaluation.ce_loss import ce_loss
 from c2r.evaluation.core import CoreEval
 from c2r.evaluation.data import EvalRows, select_rows
@@ -38,14 +39,12 @@ RESULTS_FILE = "eval.json"
 REPORT_FILE = "eval.md"
 
 
-def _ground_truth(ctx: EvalContext, **settings) -> StreamingEval | None:
+def _ground_truth(ctx: EvalContext, **settings) -> StreamingEval:
     truth = load_ground_truth(ctx.rows.directory)
     if truth is None:
-        ctx.notes.append(
-            f"ground_truth skipped: {ctx.rows.directory} has no ground truth (features.npy); use "
-            "data=synthetic_hierarchy or data=synthetic"
+        raise NotApplicable(
+            f"{ctx.rows.directory} has no ground truth (features.npy); use data=synthetic_hierarchy or data=synthetic"
         )
-        return None
     return GroundTruthEval(ctx, truth, **settings)
 
 
@@ -57,11 +56,22 @@ EVALS: dict[str, Callable[..., StreamingEval | None]] = {
 }
 """Evaluation name → factory ``(ctx, **settings)``."""
 
+AUTO_EVALS = ("core", "ground_truth", "ce_loss")
+"""What ``evals="auto"`` means: these, each where the data supports it (``first_letter`` costs minutes of LM time,
+so it is asked for by name)."""
+
 
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def selected_evals(evals: str | Sequence[str]) -> list[str]:
+    """The evaluation names ``evals`` stands for (``"auto"``: :data:`AUTO_EVALS`), checked."""
+    names = list(AUTO_EVALS) if evals == "auto" else list(evals)
+    check_evals(names)
+    return names
 
 
 def check_evals(evals: Sequence[str]) -> None:
@@ -77,20 +87,22 @@ def evaluate_rows(
     sae: SAELike,
     rows: EvalRows,
     *,
-    evals: Sequence[str] = ("core", "ground_truth"),
+    evals: str | Sequence[str] = "auto",
     settings: Mapping[str, Mapping] | None = None,
     batch_size: int = 8192,
     device: str | torch.device = "cpu",
     plot_dir: Path | None = None,
     source: Any = None,
 ) -> dict:
-    """Run ``evals`` on ``rows`` (one pass, each batch encoded once); returns ``{eval name: results, "notes": [...]}``.
+    """Run ``evals`` on ``rows`` (one pass, each batch encoded once); returns ``{eval name: results, "evals": [those
+    run], "not_applicable": {eval name: why}, "notes": [...]}``. With ``evals="auto"``, those of :data:`AUTO_EVALS`
+    the data cannot support are left out quietly; one asked for by name that does not apply is also a note.
 
     The SAE sees the rows as stored (raw activations): pass an exported SAE (``c2r.load_sae``), which works on
     raw activations. A module is put in eval mode (BatchTopK then uses its inference threshold) and moved to
     ``device`` for the pass, then restored.
     """
-    check_evals(evals)
+    names = selected_evals(evals)
     device = resolve_device(device)
     module = sae if isinstance(sae, nn.Module) else None
     was_training = module.training if module is not None else False
@@ -102,9 +114,15 @@ def evaluate_rows(
         ctx = EvalContext(
             sae=sae, rows=rows, device=device, plot_dir=plot_dir, notes=list(rows.notes), source=source
         )
-        active = {}
-        for name in evals:
-            made = EVALS[name](ctx, **dict((settings or {}).get(name, {})))
+        active, not_applicable = {}, {}
+        for name in names:
+            try:
+                made = EVALS[name](ctx, **dict((settings or {}).get(name, {})))
+            except NotApplicable as reason:
+                not_applicable[name] = str(reason)
+                if evals != "auto":
+                    ctx.notes.append(f"{name} skipped: {reason}")
+                continue
             if made is not None:
                 active[name] = made
         for batch in rows.batches(batch_size, device):
@@ -118,7 +136,7 @@ def evaluate_rows(
             module.train(was_training)
             if original_device is not None:
                 module.to(original_device)
-    return {**results, "evals": list(active), "notes": ctx.notes}
+    return {**results, "evals": list(active), "not_applicable": not_applicable, "notes": ctx.notes}
 
 
 def run_evaluation(
@@ -126,7 +144,7 @@ def run_evaluation(
     shard_dir: str | Path,
     out_dir: str | Path | None,
     *,
-    evals: Sequence[str] = ("core", "ground_truth"),
+    evals: str | Sequence[str] = "auto",
     tokens: int | None = None,
     split: str = "val",
     batch_size: int = 8192,
@@ -140,7 +158,7 @@ def run_evaluation(
     ``eval.json``, ``eval.md`` and (``plots``) ``eval_*.png`` there. ``source``: the shard source of
     ``shard_dir`` (needed by the language-model evals). Returns what ``eval.json`` holds."""
     started = time.time()
-    check_evals(evals)
+    selected_evals(evals)  # fail before reading any rows
     rows = select_rows(shard_dir, tokens=tokens, split=split)
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
@@ -183,11 +201,14 @@ def _sae_summary(sae: SAELike) -> dict:
 
 
 __all__ = [
+    "AUTO_EVALS",
     "EVALS",
     "EvalContext",
+    "NotApplicable",
     "StreamingEval",
     "evaluate_rows",
     "run_evaluation",
     "scalar_metrics",
     "select_rows",
+    "selected_evals",
 ]

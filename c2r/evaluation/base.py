@@ -12,6 +12,11 @@ from torch import Tensor
 from c2r.evaluation.data import EvalRows, RowBatch
 
 
+class NotApplicable(Exception):
+    """Raised by an evaluation's factory when the data cannot support it (no ground truth, not from an LM): left
+    out quietly under ``evals="auto"``, a note when the evaluation was asked for by name."""
+
+
 class SAELike(Protocol):
     """What the evaluations use of an SAE: an exported one from ``c2r.load_sae`` (raw activations) or one in
     training (normalised activations: pass rows in its scale) both fit."""

@@ -39,7 +39,7 @@ from torch import Tensor
 from c2r.data.harvest import HarvestedShards
 from c2r.data.lm import LanguageModel
 from c2r.data.shards import Manifest
-from c2r.evaluation.base import EvalContext, nan_to_none
+from c2r.evaluation.base import EvalContext, NotApplicable, nan_to_none
 from c2r.evaluation.data import RowBatch
 
 COUNTS = ("tokens", "spliced", "positions")
@@ -164,19 +164,18 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def ce_loss(ctx: EvalContext, *, contexts: int = 16, batch_size: int = 8) -> CELossEval | None:
-    """Factory of the ``ce_loss`` evaluation (CE-loss score and KL score): ``None``, with a note, when the rows do
-    not come from a language model or no held-out context is left."""
+    """Factory of the ``ce_loss`` evaluation (CE-loss score and KL score); :class:`NotApplicable` when the rows do
+    not come from a language model, ``None`` (with a note) when no held-out context is left."""
     if contexts < 1 or batch_size < 1:
         raise CELossError(
             f"ce_loss needs contexts >= 1 and batch_size >= 1, got contexts={contexts}, batch_size={batch_size}"
         )
     lm = ctx.language_model()
     if lm is None:
-        ctx.notes.append(
-            "ce_loss skipped: the rows do not come from a language model (the CE-loss and KL scores splice the SAE "
-            "into the LM and hook that produced them); use an LM data config such as data=smollm2"
+        raise NotApplicable(
+            "the rows do not come from a language model (the CE-loss and KL scores splice the SAE into the LM and "
+            "hook that produced them); use an LM data config such as data=smollm2"
         )
-        return None
     chosen, origin = heldout_contexts(ctx.source, lm, ctx.rows.manifest, contexts)
     if not chosen:
         ctx.notes.append(

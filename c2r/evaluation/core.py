@@ -26,23 +26,11 @@ are the ``ce_loss`` evaluation (:mod:`c2r.evaluation.ce_loss`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from c2r.evaluation.base import EvalContext, histogram
 from c2r.evaluation.data import RowBatch
-from c2r.metrics import ReconstructionStats
-from c2r.geometry import nearest_neighbors_exact
-
-
-def decoder_max_cosines(decoder_rows: Tensor, *, tile_size: int = 4096) -> Tensor:
-    """``c_j = max_{k≠j} cos(W_j, W_k)`` for every row (``[F]`` float64); NaN when F == 1 (no other row)."""
-    rows = decoder_rows.detach().double()
-    if rows.shape[0] < 2:
-        return torch.full((rows.shape[0],), float("nan"), dtype=torch.float64)
-    neighbors = nearest_neighbors_exact(rows, tile_size=tile_size)
-    unit = F.normalize(rows, dim=1)
-    return (unit * unit[neighbors]).sum(dim=1)
+from c2r.metrics import ReconstructionStats, decoder_max_cosines
 
 
 class CoreEval:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from c2r.data.lm import LanguageModel, model_identity
 from c2r.data.text import token_id
-from c2r.evaluation.base import EvalContext
+from c2r.evaluation.base import EvalContext, NotApplicable
 from c2r.evaluation.data import RowBatch
 from c2r.evaluation.first_letter_metrics import sparse_probe_f1s, split_count, train_linear_probe, word_absorption
 from c2r.evaluation.first_letter_probe import (
@@ -275,13 +275,12 @@ class FirstLetterEval:
         return summary
 
 
-def first_letter_eval(ctx: EvalContext, **settings) -> FirstLetterEval | None:
-    """Factory of the ``first_letter`` evaluation: ``None`` (with a note) when the rows do not come from an LM."""
+def first_letter_eval(ctx: EvalContext, **settings) -> FirstLetterEval:
+    """Factory of the ``first_letter`` evaluation: :class:`NotApplicable` when the rows do not come from an LM."""
     lm = ctx.language_model()
     if lm is None:
-        ctx.notes.append(
-            "first_letter skipped: the rows do not come from a language model (it needs the LM and hook that "
-            "produced them); use an LM data config such as data=smollm2"
+        raise NotApplicable(
+            "the rows do not come from a language model (it needs the LM and hook that produced them); use an LM "
+            "data config such as data=smollm2"
         )
-        return None
     return FirstLetterEval(ctx, lm, **settings)

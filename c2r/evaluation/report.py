@@ -45,6 +45,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _not_applicable(result: dict) -> str:
+    names = list(result.get("not_applicable", {}))
+    return f" (not applicable to this data: {', '.join(names)})" if names else ""
+
+
 def render(result: dict) -> str:
     data = result["data"]
     requested = f" ({data['tokens_requested']:,} requested)" if data.get("tokens_requested") is not None else ""
@@ -52,7 +57,7 @@ def render(result: dict) -> str:
         f"# Evaluation of `{result['sae']['path']}`",
         "",
         f"{data['rows']:,} rows of the `{data['split']}` split of `{data['shard_dir']}`{requested}; "
-        f"evals: {', '.join(result['evals'])}.",
+        f"evals: {', '.join(result['evals'])}{_not_applicable(result)}.",
         "",
     ]
     if "core" in result:
@@ -60,7 +65,7 @@ def render(result: dict) -> str:
         lines += ["## Core", "", "| metric | value |", "|---|---|"]
         lines += [f"| {label} | {_fmt(core.get(key))} |" for key, label in CORE_ROWS]
         lines.append("")
-        if "ce_loss" not in result:
+        if "ce_loss" not in result and "ce_loss" not in result.get("not_applicable", {}):
             lines += ["CE-loss score and KL score are not computed: add `ce_loss` to `evals` (needs the LM).", ""]
     if "ground_truth" in result:
         summary = result["ground_truth"]["summary"]
