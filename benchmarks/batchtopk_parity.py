@@ -13,7 +13,7 @@ it saves) by the same code: FVU, L0, dead latents (firing on no held-out row) an
 Datasets: ``hierarchy``: c2r's ground-truth hierarchy at the issue's setting (512 features in d=64, 64 parents
 with 4 exclusive children each and 192 independent features, Zipf rates; width 512, k=4, batch 1024) for 3000
 steps (3.1M samples, about half the issue's 6M); ``smollm2``: the cached SmolLM2-135M layer-5 residual shards
-(d=576) at width 4096, k=32, batch 1024.
+(d=576) at c2r.train's default: width 1024, k=8, batch 2048, 256 steps (524288 tokens).
 
     python benchmarks/batchtopk_parity.py                               # both datasets, 2 seeds
     python benchmarks/batchtopk_parity.py --datasets hierarchy --seeds 1 --label dead_tokens --set dead_tokens=1e5
@@ -54,7 +54,7 @@ HIERARCHY = dict(d=64, n_parents=64, children_per_parent=4, n_independent=192, l
 SMOLLM2 = "activations/smollm2-135m_blocks.5.hook_resid_post_d53c4fdb8b30c1eb"
 SETTINGS = {
     "hierarchy": dict(dict_size=512, k=4, batch_size=1024, steps=3000, lr=1e-3),
-    "smollm2": dict(dict_size=4096, k=32, batch_size=1024, steps=600, lr=1e-3),
+    "smollm2": dict(dict_size=1024, k=8, batch_size=2048, steps=256, lr=1e-3),  # c2r.train's SmolLM2 default
 }
 METRICS = ("fvu", "l0", "dead", "coverage")
 
@@ -94,12 +94,13 @@ def run_c2r(directory: Path, settings: dict, seed: int, overrides: list[str]) ->
     return {**metrics, "threshold": float(sae.threshold), "trainer_dead": trainer_dead, "train_s": round(train_s, 1)}
 
 
-def run_saelens(directory: Path, settings: dict, seed: int, threads: int) -> dict:
+def run_saelens(directory: Path, settings: dict, seed: int, threads: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [str(SAELENS_PYTHON), str(Path(__file__).parent / "saelens_train.py"), "--shards", str(directory),
                    "--seed", str(seed), "--threads", str(threads), "--out", str(out)]
         command += [f"--{name.replace('_', '-')}={value}" for name, value in settings.items()]
+        command += ["--set", *overrides] if overrides else []
         subprocess.run(command, check=True)
         return json.loads(out.read_text())
 
@@ -128,9 +129,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override every dataset's number of steps")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="c2r model settings over conf/model/batchtopk.yaml, e.g. aux_coef=1 (diagnosis)")
+    parser.add_argument("--saelens-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="SAELens config fields over its defaults, e.g. decoder_init_norm=1.0 (diagnosis)")
+    parser.add_argument("--lr", type=float, help="override every dataset's lr (both trainers)")
     parser.add_argument("--no-saelens", action="store_true", help="c2r only (diagnosis runs)")
     parser.add_argument("--label", default="current", help="key of this run in the JSON")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1: faster than 2 on a shared 2-core machine")
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(os.environ.get("C2R_CACHE_DIR", Path.home() / ".cache" / "c2r")))
     parser.add_argument("--out", type=Path, default=RESULTS / "batchtopk_parity.json")
@@ -141,13 +145,14 @@ def main() -> None:
     trainers = ["c2r"] + ([] if args.no_saelens else ["saelens"])
     datasets = {}
     for dataset in args.datasets:
-        settings = {**SETTINGS[dataset], **({"steps": args.steps} if args.steps else {})}
+        settings = {**SETTINGS[dataset], **({"steps": args.steps} if args.steps else {}),
+                    **({"lr": args.lr} if args.lr else {})}
         directory = shard_dir(dataset, args.cache_dir)
         runs: dict[str, list[dict]] = {trainer: [] for trainer in trainers}
         for seed in range(args.seeds):
             runs["c2r"].append({"seed": seed, **run_c2r(directory, settings, seed, args.set)})
             if not args.no_saelens:
-                runs["saelens"].append({"seed": seed, **run_saelens(directory, settings, seed, args.threads)})
+                runs["saelens"].append({"seed": seed, **run_saelens(directory, settings, seed, args.threads, args.saelens_set)})
             for trainer in trainers:
                 print(f"{dataset} seed {seed} {trainer:8s} " + json.dumps(runs[trainer][-1]), flush=True)
         summary = {trainer: {m: mean_sd([r[m] for r in trainer_runs]) for m in METRICS if m in trainer_runs[0]}
@@ -163,7 +168,7 @@ def main() -> None:
 
     report = json.loads(args.out.read_text()) if args.out.is_file() else {"benchmark": "batchtopk_parity"}
     report.setdefault("runs", {})[args.label] = {
-        "commit": git_commit(), "c2r_overrides": args.set, "seeds": args.seeds, "datasets": datasets,
+        "commit": git_commit(), "c2r_overrides": args.set, "saelens_overrides": args.saelens_set, "seeds": args.seeds, "datasets": datasets,
         "table_markdown": table, "hierarchy_data": HIERARCHY, "lr_schedule": "constant, both trainers",
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
         "wall_time_s": round(time.time() - started, 1),

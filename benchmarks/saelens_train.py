@@ -38,14 +38,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="BatchTopKTrainingSAEConfig fields over SAELens's defaults (JSON values), for diagnosis")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     x = load_rows(args.shards, "train")
-    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=x.shape[1], d_sae=args.dict_size, k=args.k))
+    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    config = BatchTopKTrainingSAEConfig(d_in=x.shape[1], d_sae=args.dict_size, k=args.k, **overrides)
+    sae = BatchTopKTrainingSAE(config)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=args.steps * args.batch_size, train_batch_size_samples=args.batch_size, lr=args.lr,
         lr_end=args.lr,  # unused by the constant scheduler, but the trainer asserts it is set
