@@ -16,7 +16,8 @@ steps (3.1M samples, about half the issue's 6M); ``smollm2``: the cached SmolLM2
 (d=576) at c2r.train's default: width 1024, k=8, batch 2048, 256 steps (524288 tokens).
 
     python benchmarks/batchtopk_parity.py                               # both datasets, 2 seeds
-    python benchmarks/batchtopk_parity.py --datasets hierarchy --seeds 1 --label dead_tokens --set dead_tokens=1e5
+    python benchmarks/batchtopk_parity.py --label after                  # ~20 min on 2 shared CPU cores
+    python benchmarks/batchtopk_parity.py --no-saelens --set encoder_init_scale=1.0 --label before   # old init
 
 Prints a table and merges the run, under ``--label``, into benchmarks/results/batchtopk_parity.json.
 """
@@ -152,7 +153,8 @@ def main() -> None:
         for seed in range(args.seeds):
             runs["c2r"].append({"seed": seed, **run_c2r(directory, settings, seed, args.set)})
             if not args.no_saelens:
-                runs["saelens"].append({"seed": seed, **run_saelens(directory, settings, seed, args.threads, args.saelens_set)})
+                saelens = run_saelens(directory, settings, seed, args.threads, args.saelens_set)
+                runs["saelens"].append({"seed": seed, **saelens})
             for trainer in trainers:
                 print(f"{dataset} seed {seed} {trainer:8s} " + json.dumps(runs[trainer][-1]), flush=True)
         summary = {trainer: {m: mean_sd([r[m] for r in trainer_runs]) for m in METRICS if m in trainer_runs[0]}
@@ -168,7 +170,8 @@ def main() -> None:
 
     report = json.loads(args.out.read_text()) if args.out.is_file() else {"benchmark": "batchtopk_parity"}
     report.setdefault("runs", {})[args.label] = {
-        "commit": git_commit(), "c2r_overrides": args.set, "saelens_overrides": args.saelens_set, "seeds": args.seeds, "datasets": datasets,
+        "commit": git_commit(), "c2r_overrides": args.set, "saelens_overrides": args.saelens_set,
+        "seeds": args.seeds, "datasets": datasets,
         "table_markdown": table, "hierarchy_data": HIERARCHY, "lr_schedule": "constant, both trainers",
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
         "wall_time_s": round(time.time() - started, 1),
