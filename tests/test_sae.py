@@ -51,6 +51,16 @@ def test_batchtopk_eval_before_any_training_batch_uses_the_batch_selection():
     assert sae.threshold.item() == -1.0  # eval batches never set the threshold
 
 
+def test_batchtopk_encoder_starts_as_the_scaled_decoder_transpose():
+    plain = TopKSAE(16, 64, k=4, seed=3)
+    default = BatchTopKSAE(16, 64, k=4, seed=3)
+    assert torch.equal(default.W_dec, plain.W_dec)
+    assert torch.allclose(default.W_enc, 0.01 * plain.W_dec.t())
+    assert torch.equal(BatchTopKSAE(16, 64, k=4, seed=3, encoder_init_scale=1.0).W_enc, plain.W_enc)
+    with pytest.raises(ValueError, match="encoder_init_scale must be > 0"):
+        BatchTopKSAE(16, 64, k=4, encoder_init_scale=0.0)
+
+
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])
 def test_k_larger_than_dict_size_is_refused(cls):
     with pytest.raises(ValueError, match="k must be in"):
