@@ -62,6 +62,7 @@ def main() -> None:
                               scale=1.0, seed=0)
     contexts = list(itertools.islice(stream.training_contexts(), int(1.06 * args.rows / (recipe.context_length - 1))))
     synchronize = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
+    bare_forward(recipe, lm, contexts[: 4 * recipe.batch_size], synchronize)  # warm-up (allocator, caches): untimed
     bare_before = bare_forward(recipe, lm, contexts, synchronize)
 
     blocks = args.rows // args.block_rows
