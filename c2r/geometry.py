@@ -16,7 +16,6 @@ import warnings
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -53,6 +52,7 @@ class UnitRows(NamedTuple):
 
 
 def unit_and_norms(rows: Tensor) -> UnitRows:
+    """The one normalisation every search and C²R's pair cosines use."""
     rows = at_least_fp32(rows.detach())
     norms = torch.linalg.vector_norm(rows, dim=1).clamp_min(1e-12)
     return UnitRows(rows / norms[:, None], norms)
@@ -64,7 +64,7 @@ Rows = Tensor | UnitRows
 
 def unit_rows(rows: Rows) -> Tensor:
     """The rows scaled to unit norm, detached, in at least fp32 (given, if ``rows`` is already :class:`UnitRows`)."""
-    return rows.unit if isinstance(rows, UnitRows) else F.normalize(at_least_fp32(rows.detach()), dim=1)
+    return (rows if isinstance(rows, UnitRows) else unit_and_norms(rows)).unit
 
 
 def _tiled_cosines(unit: Tensor, tile_size: int, dtype: torch.dtype | None = None, latents: Tensor | None = None):
