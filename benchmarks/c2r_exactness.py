@@ -42,7 +42,7 @@ def run_job(data: str, dict_size: int, mode: str, args: argparse.Namespace, run_
         f"data={data}", f"dict_size={dict_size}", f"model.k={K_FOR_SIZE.get(dict_size, 32)}",
         "regularizer=c2r", f"regularizer.coef={args.coef}", "regularizer.interval=1", "regularizer.audit_every=1",
         f"regularizer.refresh_every={args.refresh_every}", f"optim.lr={args.lr}", f"train_tokens={args.tokens}",
-        "logger=csv", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "evaluation=null",
+        "logger=csv", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "evaluation=none",
         f"hydra.run.dir={run_dir}", *MODES[mode],
     ]
     print(f"  {data} F={dict_size} {mode}: python -m c2r.train {' '.join(overrides)}", flush=True)

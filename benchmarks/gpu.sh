@@ -83,7 +83,7 @@ part step_speed 210 .venv/bin/python benchmarks/step_speed.py "${SHAPES[@]}" --e
 part c2r_overhead 90 .venv/bin/python benchmarks/c2r_overhead.py --device cuda --d 2304 --k 80 --sizes 65536 \
     --out "$OUT/c2r_overhead_cuda.json"
 
-TRAIN=(data=synthetic logger=csv evaluation=null data.d_in=2304 dict_size=65536 model.k=80 batch_size=2048
+TRAIN=(data=synthetic logger=csv evaluation=none data.d_in=2304 dict_size=65536 model.k=80 batch_size=2048
        train_tokens=61440 data.source.rows=98304 data.source.rows_per_shard=16384 trainer.val_check_interval=1000
        regularizer=c2r "cache_dir=$OUT/cache")
 part train_gpu 120 .venv/bin/python -m c2r.train hardware=gpu "${TRAIN[@]}" "hydra.run.dir=$OUT/train_gpu"

@@ -141,7 +141,7 @@ def end_to_end(args: argparse.Namespace, with_c2r: bool) -> float:
             f"data.source.rows_per_shard={4 * args.batch}", f"cache_dir={run_dir}/cache",
         ]
         command = [
-            sys.executable, "-m", "c2r.train", *data, "logger=csv", "evaluation=null",
+            sys.executable, "-m", "c2r.train", *data, "logger=csv", "evaluation=none",
             f"hardware={'cpu' if args.device == 'cpu' else 'gpu'}", f"dict_size={args.dict_size}",
             f"model.k={args.k}", f"batch_size={args.batch}", f"train_tokens={steps * args.batch}",
             "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1", "optim.warmup_steps=1",

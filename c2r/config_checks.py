@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 from hydra.utils import get_object
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from c2r.data.modes import data_mode
 from c2r.errors import UserError
@@ -52,13 +52,12 @@ def check_train_config(cfg: DictConfig) -> None:
 def check_ce_contexts_are_reserved(cfg: DictConfig) -> None:
     """A streamed run trains on the contexts after its held-out set and ``data.stream.reserve_contexts`` more; the
     CE-loss evaluation reads the contexts right after the held-out set, so it may ask for at most the reserve."""
-    from c2r.evaluate import default_settings
     from c2r.evaluation import selected_evals
 
     evaluation = cfg.get("evaluation")
-    if not evaluation or "ce_loss" not in selected_evals(evaluation.evals):
+    if not evaluation or "ce_loss" not in selected_evals(evaluation.evals, OmegaConf.to_container(evaluation)):
         return
-    contexts = (evaluation.get("ce_loss") or {}).get("contexts", default_settings()["ce_loss"]["contexts"])
+    contexts = evaluation.ce_loss.contexts
     reserve = cfg.data.stream.reserve_contexts
     if contexts > reserve:
         raise ConfigError(

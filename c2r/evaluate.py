@@ -4,14 +4,13 @@ the end-of-training evaluation of ``c2r.train`` (:func:`evaluate_run`, :func:`lo
 ``run=<run folder>`` evaluates ``<run>/sae`` on the run's own data config (``<run>/run_config.yaml``) and
 writes into the run folder; ``sae=<exported SAE folder>`` evaluates an SAE on the data selected with ``data=...``.
 The SAE is evaluated through :func:`c2r.load_sae`, i.e. in its exported, inference form on raw activations: what
-users and SAELens/SAEBench see (BatchTopK as JumpReLU with its inference threshold). See ``conf/evaluate.yaml``
-for every setting and :mod:`c2r.evaluation` for the metrics.
+users and SAELens/SAEBench see (BatchTopK as JumpReLU with its inference threshold). See ``conf/evaluate.yaml`` and
+``conf/evaluation/default.yaml`` for every setting and :mod:`c2r.evaluation` for the metrics.
 """
 
 from __future__ import annotations
 
 import logging
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,29 +27,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUN_SETTINGS = ("evals", "tokens", "split", "batch_size", "device", "plots")
-"""Keys of ``conf/evaluate.yaml`` that configure the evaluation itself (plus one section per eval)."""
-
-
-def default_settings() -> dict[str, Any]:
-    """The evaluation settings of ``conf/evaluate.yaml`` (no Hydra needed: usable inside a running Hydra job)."""
-    text = resources.files("c2r.conf").joinpath("evaluate.yaml").read_text()
-    return settings_of(OmegaConf.create(text))
-
-
 def settings_of(cfg: DictConfig) -> dict[str, Any]:
-    """The evaluation settings in an ``evaluate`` config, as plain values."""
-    from c2r.evaluation import EVALS
+    """The evaluation settings at the root of an ``evaluate`` config (conf/evaluation/default.yaml composed
+    there, plus sections added on the command line), as plain values."""
+    from c2r.evaluation import RUN_SETTINGS
 
-    keys = [key for key in (*RUN_SETTINGS, *EVALS) if key in cfg]
+    keys = [key for key in cfg if key in RUN_SETTINGS or (isinstance(cfg[key], DictConfig) and "_target_" in cfg[key])]
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
 
 
 def evaluate_sae_on(
     sae_dir: str | Path, data_cfg: DictConfig, out_dir: str | Path | None, settings: dict[str, Any]
 ) -> dict:
-    """Evaluate the exported SAE in ``sae_dir`` on the shards of ``data_cfg.source`` (created if missing)."""
-    from c2r.evaluation import EVALS, RESULTS_FILE, run_evaluation
+    """Evaluate the exported SAE in ``sae_dir`` on the shards of ``data_cfg.source`` (created if missing), with
+    ``settings`` as in conf/evaluation/default.yaml (sections missing there or in part take its defaults)."""
+    from c2r.evaluation import RESULTS_FILE, RUN_SETTINGS, run_evaluation
     from c2r.export import load_sae
 
     sae = load_sae(sae_dir)
@@ -59,8 +50,8 @@ def evaluate_sae_on(
     source = shard_source(data_cfg)  # data.mode=stream: the held-out set
     shard_dir = source.ensure()
     run = {key: settings[key] for key in RUN_SETTINGS if key in settings}
-    per_eval = {name: settings.get(name) or {} for name in EVALS}
-    result = run_evaluation(sae, shard_dir, out_dir, settings=per_eval, sae_path=sae_dir, source=source, **run)
+    sections = {name: section for name, section in settings.items() if name not in RUN_SETTINGS}
+    result = run_evaluation(sae, shard_dir, out_dir, settings=sections, sae_path=sae_dir, source=source, **run)
     for note in result["notes"]:
         log.warning(note)
     if out_dir is not None:
@@ -73,22 +64,19 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None, **overrides
     go into ``run_dir``.
 
     ``cfg`` is the training config (default: the one the run saved); ``overrides`` replace the defaults of
-    ``conf/evaluate.yaml`` (e.g. ``tokens=200_000``, ``evals=["core"]``, ``device="cuda"``,
+    ``conf/evaluation/default.yaml`` (e.g. ``tokens=200_000``, ``evals=["core"]``, ``device="cuda"``,
     ``ground_truth={"min_events": 50}``; an eval's section is merged key by key). Returns what ``eval.json`` holds.
     """
-    from c2r.evaluation import EVALS
+    from c2r.evaluation import RUN_SETTINGS, available_evals, default_settings
 
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else load_run_config(run_dir)
     settings = default_settings()
-    for key, value in overrides.items():
-        if key in EVALS and isinstance(value, dict):
-            settings[key] = {**settings.get(key, {}), **value}
-        elif key in RUN_SETTINGS or key in EVALS:
-            settings[key] = value
-        else:
-            raise ValueError(f"unknown evaluation setting {key!r}; valid: {', '.join((*RUN_SETTINGS, *EVALS))}")
-    return evaluate_sae_on(run_dir / "sae", cfg.data, run_dir, settings)
+    valid = (*RUN_SETTINGS, *available_evals(settings))
+    for key in overrides:
+        if key not in valid and not (isinstance(overrides[key], dict) and "_target_" in overrides[key]):
+            raise ValueError(f"unknown evaluation setting {key!r}; valid: {', '.join(valid)}")
+    return evaluate_sae_on(run_dir / "sae", cfg.data, run_dir, {**settings, **overrides})
 
 
 def log_evaluation(logger: Logger, result: dict, directory: str | Path, step: int) -> None:

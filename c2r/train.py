@@ -83,7 +83,7 @@ def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, 
     from c2r.checkpointing import FinalAndPeriodicCheckpoint, training_plugins
     from c2r.console import hide_lightning_noise
     from c2r.data.modes import build_datamodule
-    from c2r.evaluate import evaluate_run, log_evaluation
+    from c2r.evaluate import evaluate_sae_on, log_evaluation
     from c2r.export import export_sae
     from c2r.jsonfile import write_json
     from c2r.loggers import finish_logging
@@ -157,8 +157,9 @@ def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, 
             hook_name=provenance.get("hook", ""),
             model_name=provenance.get("model", ""),
         )
-        if cfg.evaluation:  # before metrics.json, which marks the job finished
-            evaluation = evaluate_run(run_dir, cfg, **OmegaConf.to_container(cfg.evaluation, resolve=True))
+        if cfg.get("evaluation"):  # before metrics.json, which marks the job finished
+            settings = OmegaConf.to_container(cfg.evaluation, resolve=True)
+            evaluation = evaluate_sae_on(run_dir / "sae", cfg.data, run_dir, settings)
             if logger:
                 log_evaluation(logger, evaluation, run_dir, step=trainer.global_step)
         write_json(run_dir / METRICS, metrics)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -35,6 +36,19 @@ TINY_JOB = [
     "logger=none",
 ]
 TINY = TINY_DATA + TINY_JOB
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist (``-n``), give each worker its share of the cores, in-process and in the commands it
+    runs: n workers each running torch on every core would oversubscribe them and run slower than one."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+_share_the_cores()
 
 
 def _isolate(tmp_path_factory, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -115,7 +115,7 @@ def test_training_anneals_k_at_the_trainers_step_and_validates_the_trained_sae(c
         return seen[-1][1]
 
     monkeypatch.setattr(KSparseAutoencoder, "current_k", recording)
-    train(compose_train(*tiny("topk"), "model.k_start=16", "model.k_anneal_steps=10", "evaluation=null"))
+    train(compose_train(*tiny("topk"), "model.k_start=16", "model.k_anneal_steps=10", "evaluation=none"))
     training = [entry for entry in seen if entry[0] is not None]
     assert [step for step, _ in training] == list(range(20))  # Lightning's global_step, one call per step
     assert [k for _, k in training[:11:5]] == [16, 10, 4] and {k for _, k in training[10:]} == {4}
@@ -379,7 +379,7 @@ def tiny(model):
 def test_every_architecture_trains_with_every_regularizer(compose_train, tmp_path, model, regularizer):
     # The end-of-training evaluation reads the exported SAE, which depends on the architecture only: once each.
     evaluated = regularizer == "none"
-    cfg = compose_train(*tiny(model), f"regularizer={regularizer}", *([] if evaluated else ["evaluation=null"]))
+    cfg = compose_train(*tiny(model), f"regularizer={regularizer}", *([] if evaluated else ["evaluation=none"]))
     metrics = train(cfg)
     assert metrics["steps"] == 20
     assert all(math.isfinite(metrics[key]) for key in ("fvu", "mse", "l0"))
@@ -408,7 +408,7 @@ def test_extra_regularizers_add_terms_next_to_the_selected_one(compose_train):
 def test_c2r_and_ortho_train_together_and_each_term_is_logged(compose_train, tmp_path):
     train(compose_train(
         *tiny("gated"), "regularizer=c2r", "regularizer.coef=0.01", "+regularizer@extra_regularizers.ortho=ortho",
-        "logger=csv", "trainer.log_every_n_steps=1", "evaluation=null",
+        "logger=csv", "trainer.log_every_n_steps=1", "evaluation=none",
     ))
     run_dir = tmp_path / "run"
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")

@@ -259,7 +259,7 @@ def c2r_audit_rows(compose_train, *overrides):
     cfg = compose_train(
         *TINY, "dict_size=256", "regularizer=c2r", "regularizer.coef=0.3", "regularizer.interval=1", "regularizer.audit_every=1",
         *overrides, "logger=csv", "trainer.log_every_n_steps=1",
-        "train_tokens=12800", "trainer.val_check_interval=1000", "evaluation=null",
+        "train_tokens=12800", "trainer.val_check_interval=1000", "evaluation=none",
     )
     train(cfg)
     run_dir = cfg.hydra.runtime.output_dir

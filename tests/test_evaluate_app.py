@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from c2r.data.shards import Manifest
-from c2r.evaluate import evaluate, evaluate_run
+from c2r.evaluate import evaluate, evaluate_run, settings_of
 from c2r.export import export_sae
 from conftest import TINY_JOB, run_cli
 
@@ -95,3 +95,41 @@ def test_bad_arguments_fail_clearly(overrides, message):
     GlobalHydra.instance().clear()
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         evaluate(cfg)
+
+
+class RowsSeen:
+    """An evaluation of a user's own: plugged in by a config section with its ``_target_``, no code registry."""
+
+    name = "rows_seen"
+
+    def __init__(self, ctx, *, scale: int) -> None:
+        self.rows, self.scale = 0, scale
+
+    def update(self, batch, acts, recon) -> None:
+        self.rows += len(acts)
+
+    def finalize(self) -> dict:
+        return {"rows_times_scale": self.rows * self.scale}
+
+
+def test_an_evaluation_of_ones_own_is_one_more_config_section(run_dir):
+    cfg = compose_evaluate(f"run={run_dir}", "tokens=1500", "evals=[core,rows_seen]", "plots=false",
+                           f"+rows_seen._target_={__name__}.RowsSeen", "+rows_seen.scale=3")
+    GlobalHydra.instance().clear()
+    result = evaluate(cfg)
+    assert result["evals"] == ["core", "rows_seen"] and result["rows_seen"] == {"rows_times_scale": 4500}
+    # the same from Python, where the defaults of conf/evaluation/default.yaml fill the rest
+    result = evaluate_run(run_dir, tokens=1000, evals=["rows_seen"], rows_seen={"_target_": f"{__name__}.RowsSeen",
+                                                                                "scale": 2})
+    assert result["evals"] == ["rows_seen"] and result["rows_seen"] == {"rows_times_scale": 2000}
+    with pytest.raises(ValueError, match="unknown eval 'rows_seen'; available: core, ground_truth, first_letter"):
+        evaluate_run(run_dir, evals=["rows_seen"])
+
+
+def test_training_composes_the_same_evaluation_group(compose_train):
+    cfg = compose_train("evaluation.evals=[core,first_letter]", "evaluation.first_letter.words=600")
+    evaluate_cfg = compose_evaluate()
+    GlobalHydra.instance().clear()
+    assert set(cfg.evaluation) == set(settings_of(evaluate_cfg))  # one group, at two places
+    assert cfg.evaluation.first_letter.words == 600 and cfg.evaluation.core._target_.endswith("CoreEval")
+    assert not compose_train("evaluation=none").get("evaluation")  # skipped at the end of training

@@ -17,7 +17,7 @@ import torch
 
 from c2r.data import HarvestedShards, Manifest, SyntheticShards
 from c2r.data.lm import load_model, tiny_random_llama
-from c2r.evaluation import check_evals, run_evaluation
+from c2r.evaluation import run_evaluation, selected_evals
 from c2r.evaluation.ce_loss import heldout_contexts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -219,4 +219,4 @@ def test_synthetic_data_is_skipped_with_a_note_and_unknown_names_fail(tmp_path):
     assert any(note.startswith("ce_loss skipped: the rows do not come from a language model")
                for note in result["notes"])
     with pytest.raises(ValueError, match="unknown eval 'kl'; available: .*ce_loss"):
-        check_evals(["kl"])
+        selected_evals(["kl"])

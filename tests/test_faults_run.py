@@ -26,7 +26,7 @@ from c2r.sae import TopKSAE
 from c2r.train import train
 from conftest import TINY, run_cli
 
-C2R = [*TINY, "regularizer=c2r", "regularizer.coef=0.1", "regularizer.interval=1", "evaluation=null"]
+C2R = [*TINY, "regularizer=c2r", "regularizer.coef=0.1", "regularizer.interval=1", "evaluation=none"]
 
 
 def checkpoint_of(run_dir, name="last.ckpt"):
@@ -51,7 +51,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_a_relaunch_ret
     monkeypatch.setattr(ActivationDataModule, "describe_training_batch",
                         lambda self, step: f"shard_00002.npy rows {step}", raising=False)
     with pytest.raises(NonFiniteError) as error:
-        train(compose_train(*TINY, "evaluation=null"))
+        train(compose_train(*TINY, "evaluation=none"))
     message = str(error.value)
     assert "non-finite loss at step 13 on shard_00002.npy rows 13" in message
     assert "overall_loss=inf" in message and "mse=inf" in message and "auxk=" in message
@@ -64,7 +64,7 @@ def test_non_finite_loss_stops_keeps_the_last_good_checkpoint_and_a_relaunch_ret
     assert wall_before >= 1.0
 
     monkeypatch.setattr(c2r.module, "loss_terms", original)  # the data is fine again: the relaunch retries
-    cfg = compose_train(*TINY, "evaluation=null")
+    cfg = compose_train(*TINY, "evaluation=none")
     started = time.time()
     metrics = train(cfg)
     relaunch = time.time() - started
@@ -147,13 +147,13 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one_or_says_how_to
     compose_train, tmp_path, caplog
 ):
     run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    expected = train(compose_train(*TINY, "evaluation=null"))
+    expected = train(compose_train(*TINY, "evaluation=none"))
     assert checkpoint_of(run_dir, "previous.ckpt")["global_step"] == 20  # the one the final save replaced
     (run_dir / "metrics.json").unlink()
     last = checkpoints / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # truncated
     with caplog.at_level(logging.WARNING):
-        metrics = train(compose_train(*TINY, "evaluation=null"))
+        metrics = train(compose_train(*TINY, "evaluation=none"))
     assert f"{last} is damaged (truncated or empty; moved to last.ckpt.damaged): resuming from" in caplog.text
     assert metrics["fvu"] == pytest.approx(expected["fvu"])
 
@@ -161,7 +161,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one_or_says_how_to
     (checkpoints / "previous.ckpt").unlink()
     last.write_bytes(b"")  # empty, nothing to fall back to
     with pytest.raises(CheckpointDamaged, match=r"last.ckpt is damaged .* delete it to restart this run"):
-        train(compose_train(*TINY, "evaluation=null"))
+        train(compose_train(*TINY, "evaluation=none"))
 
 
 def compose_evaluate(*overrides):

@@ -12,7 +12,7 @@ from conftest import CLI_RUN, TINY, kill_at_first_checkpoint, run_cli, write_tin
 # 80 steps with checkpoints every 20; C²R's candidate lists refresh every 7 steps (checkpointed state too). The
 # weights are compared, so no evaluation.
 LONG_JOB = [*TINY, "train_tokens=10240", "checkpoint_every=20", "regularizer=c2r", "regularizer.coef=0.01",
-            "regularizer.interval=2", "regularizer.refresh_every=7", "evaluation=null"]
+            "regularizer.interval=2", "regularizer.refresh_every=7", "evaluation=none"]
 
 
 def test_a_killed_job_resumes_to_the_same_weights_as_an_uninterrupted_one(compose_train, tmp_path):

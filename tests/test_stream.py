@@ -118,14 +118,15 @@ STREAM_JOB = [
     "data.source.hook=blocks.1.hook_resid_post", "data.d_in=32", "data.source.context_start=bos",
     "data.source.doc_separator=eos", "data.source.context_length=32", "data.source.progress=false",
     "data.source.device=cpu", "data.mode=stream", "data.stream.buffer_rows=256", "data.stream.heldout_rows=256",
-    "data.stream.reserve_contexts=4", "evaluation.evals=[core,ce_loss]", "+evaluation.ce_loss.contexts=4",
+    "data.stream.reserve_contexts=4",
 ]
+STREAM_EVALUATION = ["evaluation.evals=[core,ce_loss]", "evaluation.ce_loss.contexts=4"]
 
 
 def test_a_streamed_run_trains_validates_on_the_heldout_set_and_records_its_normalisation(compose_train, docs, tmp_path):
     from c2r.train import train
 
-    cfg = compose_train(*STREAM_JOB, f"data.text.data_files={docs}", *TINY_JOB)
+    cfg = compose_train(*STREAM_JOB, *STREAM_EVALUATION, f"data.text.data_files={docs}", *TINY_JOB)
     metrics = train(cfg)
     assert metrics["tokens"] == 2560 and np.isfinite(metrics["fvu"]) and metrics["fvu"] < 1
     run = tmp_path / "run"
@@ -143,7 +144,7 @@ def test_a_streamed_run_trains_validates_on_the_heldout_set_and_records_its_norm
 
 def test_a_killed_streamed_job_resumes_to_the_same_weights(docs, tmp_path):
     job = [*STREAM_JOB, f"data.text.data_files={docs}", *TINY_JOB, "train_tokens=10240", "checkpoint_every=15",
-           "evaluation=null"]  # 80 steps, windows of 2 blocks: checkpoints at odd steps resume mid-window
+           "evaluation=none"]  # 80 steps, windows of 2 blocks: checkpoints at odd steps resume mid-window
     reference = tmp_path / "reference"
     done = run_cli("c2r.train", *job, f"hydra.run.dir={reference}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -167,8 +168,8 @@ def test_streaming_needs_a_language_model_and_reserved_ce_contexts(compose_train
 
     with pytest.raises(StreamError, match="data.mode=stream needs a language-model data option"):
         train(compose_train("data=synthetic", "+data.mode=stream", *TINY_JOB))
-    for dropped in (("+evaluation",), ("+evaluation", "evaluation.evals")):  # [core,ce_loss], then evals=auto
-        job = [o for o in STREAM_JOB if not o.startswith(dropped)]
+    for evaluation in (STREAM_EVALUATION[:1], []):  # [core,ce_loss], then evals=auto, with 16 contexts
+        job = [*STREAM_JOB, *evaluation]
         with pytest.raises(ConfigError, match="reads 16 held-out contexts.*raise data.stream.reserve_contexts to 16"):
             train(compose_train(*job, f"data.text.data_files={docs}", *TINY_JOB))
 
@@ -176,7 +177,7 @@ def test_streaming_needs_a_language_model_and_reserved_ce_contexts(compose_train
 def test_a_two_process_ddp_run_streams_one_share_per_rank(docs, tmp_path):
     run_dir = tmp_path / "ddp"
     result = run_cli("c2r.train", *STREAM_JOB, f"data.text.data_files={docs}", *TINY_JOB, "hardware=ddp_cpu",
-                     "train_tokens=1920", "evaluation=null", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                     "train_tokens=1920", "evaluation=none", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 15  # 64-row halves of 128-row batches
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["StreamingDataModule"]

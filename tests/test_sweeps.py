@@ -24,7 +24,7 @@ def grid(cfg) -> dict[str, list[str]]:
 
 
 def test_every_sweep_file_is_tested():
-    assert sorted(p.stem for p in SWEEPS.glob("*.yaml")) == ["ground_truth_grid", "paper_gemma2", "smollm2_grid"]
+    assert sorted(p.stem for p in SWEEPS.glob("*.yaml")) == ["ground_truth_grid", "lm_absorption", "paper_gemma2", "smollm2_grid"]
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_paper_grid_is_the_papers_setting_on_slurm():
     assert cfg.hardware.precision == "bf16-mixed"
 
 
-@pytest.mark.parametrize("name, jobs", [("smollm2_grid", 8), ("ground_truth_grid", 24)])
+@pytest.mark.parametrize("name, jobs", [("smollm2_grid", 8), ("ground_truth_grid", 24), ("lm_absorption", 9)])
 def test_cpu_grids_run_locally(name, jobs):
     cfg = compose_sweep(name)
     assert cfg.hardware.accelerator == "cpu" and cfg.hydra.launcher._target_.endswith("BasicLauncher")
@@ -68,3 +68,12 @@ def test_ground_truth_grid_brackets_the_datas_true_l0_over_seeds():
     ks = [int(k) for k in grid(cfg)["model.k"]]
     assert cfg.data.source._target_.endswith("HierarchicalShards") and min(ks) < cfg.data.source.l0 < max(ks)
     assert len(grid(cfg)["seed"]) >= 3 and "ground_truth" in cfg.evaluation.evals
+
+
+def test_lm_absorption_grid_has_seeds_and_the_first_letter_eval_at_a_matched_l0():
+    cfg = compose_sweep("lm_absorption")
+    params = grid(cfg)
+    assert cfg.model._target_.endswith("TopKSAE") and cfg.model.k == 32 and cfg.dict_size == 4096  # L0 fixed by k
+    assert len(params["seed"]) >= 3 and len([c for c in params["regularizer.coef"] if float(c) > 0]) >= 2
+    assert cfg.data.source.model == "smollm2-135m" and "first_letter" in cfg.evaluation.evals
+    assert cfg.evaluation.first_letter._target_.endswith("first_letter_eval")  # the evaluation group, composed

@@ -30,7 +30,7 @@ def test_cli_run_writes_checkpoint_metrics_and_export(cli_run):
 def test_training_reaches_low_fvu_at_the_true_l0(compose_train):
     cfg = compose_train(
         *TINY, "regularizer=none", "data.source.rows=16384", "train_tokens=153600", "batch_size=256",
-        "optim.lr=3e-3", "trainer.val_check_interval=1000", "evaluation=null",
+        "optim.lr=3e-3", "trainer.val_check_interval=1000", "evaluation=none",
     )
     metrics = train(cfg)
     assert metrics["l0"] == pytest.approx(4.0)
@@ -40,7 +40,7 @@ def test_training_reaches_low_fvu_at_the_true_l0(compose_train):
 def test_training_with_c2r_reaches_low_fvu_too(compose_train):
     cfg = compose_train(
         *TINY, "regularizer=c2r", "regularizer.coef=0.01", "data.source.rows=16384",
-        "train_tokens=153600", "batch_size=256", "optim.lr=3e-3", "trainer.val_check_interval=1000", "evaluation=null",
+        "train_tokens=153600", "batch_size=256", "optim.lr=3e-3", "trainer.val_check_interval=1000", "evaluation=none",
     )
     metrics = train(cfg)
     assert metrics["fvu"] < 0.1, metrics

@@ -1,15 +1,15 @@
 """Evaluating trained SAEs: core metrics, ground-truth metrics (absorption, splitting, ...), plots and reports.
 
-:func:`run_evaluation` reads the rows once, encodes each batch once and feeds every selected evaluation of
-:data:`EVALS` (the streaming protocol of :class:`c2r.evaluation.base.StreamingEval`), then writes ``eval.json``,
+:func:`run_evaluation` reads the rows once, encodes each batch once and feeds every selected evaluation (the
+streaming protocol of :class:`c2r.evaluation.base.StreamingEval`), then writes ``eval.json``,
 ``eval.md`` and the PNG plots. ``python -m c2r.evaluate`` (``c2r/evaluate.py``) is the command-line front end.
 
-Adding an evaluation = one more entry in :data:`EVALS`: a factory ``(ctx: EvalContext, **settings) ->
-StreamingEval | None`` (raise :class:`~c2r.evaluation.base.NotApplicable` when this kind of data cannot support it;
-``None`` = cannot run on this data, with the reason appended to ``ctx.notes``). Its settings
-come from ``conf/evaluate.yaml`` under its name. **The language-model evaluations** (``ce_loss``: CE-loss and KL
-scores, :mod:`c2r.evaluation.ce_loss`; ``first_letter``: SAEBench-style first-letter absorption,
-:mod:`c2r.evaluation.first_letter`) need the LM and the hook that produced the shards (``ctx.source``,
+The evaluations are the sections of ``conf/evaluation/default.yaml`` that name a ``_target_``: a factory ``(ctx:
+EvalContext, **settings) -> StreamingEval | None``, instantiated by Hydra with the section's other keys (raise
+:class:`~c2r.evaluation.base.NotApplicable` when this kind of data cannot support it; ``None`` = cannot run on this
+data, with the reason appended to ``ctx.notes``). Adding one = one more section, in that file or from the command
+line. **The language-model evaluations** (``ce_loss``: CE-loss and KL scores, :mod:`c2r.evaluation.ce_loss`;
+``first_letter``: SAEBench-style first-letter absorption, :mod:`c2r.evaluation.first_letter`) need the LM and the hook that produced the shards (``ctx.source``,
 ``ctx.language_model()``) and run their own forward passes; such an evaluation takes what it needs in its factory,
 ignores ``update`` and does its work in ``finalize``.
 """
@@ -17,21 +17,19 @@ ignores ``update`` and does its work in ``finalize``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from c2r import __version__
-from c2r.data.hierarchy import load_ground_truth
 from c2r.evaluation.base import EvalContext, NotApplicable, SAELike, StreamingEval, scalar_metrics
-from c2r.evaluation.ce_loss import ce_loss
-from c2r.evaluation.core import CoreEval
 from c2r.evaluation.data import EvalRows, select_rows
-from c2r.evaluation.first_letter import first_letter_eval
-from c2r.evaluation.ground_truth import GroundTruthEval
 from c2r.evaluation.report import write_report
 from c2r.jsonfile import write_json
 
@@ -39,26 +37,35 @@ RESULTS_FILE = "eval.json"
 REPORT_FILE = "eval.md"
 
 
-def _ground_truth(ctx: EvalContext, **settings) -> StreamingEval:
-    truth = load_ground_truth(ctx.rows.directory)
-    if truth is None:
-        raise NotApplicable(
-            f"{ctx.rows.directory} has no ground truth (features.npy); use data=synthetic_hierarchy or data=synthetic"
-        )
-    return GroundTruthEval(ctx, truth, **settings)
-
-
-EVALS: dict[str, Callable[..., StreamingEval | None]] = {
-    "core": CoreEval,
-    "ground_truth": _ground_truth,
-    "first_letter": first_letter_eval,
-    "ce_loss": ce_loss,
-}
-"""Evaluation name → factory ``(ctx, **settings)``."""
+RUN_SETTINGS = ("evals", "tokens", "split", "batch_size", "device", "plots")
+"""The keys of an evaluation config that configure the pass itself; every other key is one evaluation's section."""
 
 AUTO_EVALS = ("core", "ground_truth", "ce_loss")
 """What ``evals="auto"`` means: these, each where the data supports it (``first_letter`` costs minutes of LM time,
 so it is asked for by name)."""
+
+
+def default_settings() -> dict[str, Any]:
+    """``conf/evaluation/default.yaml`` as plain values: the defaults of the Python API (inside Hydra jobs the
+    composed config carries them)."""
+    text = resources.files("c2r.conf").joinpath("evaluation", "default.yaml").read_text()
+    return OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+
+
+def with_defaults(sections: Mapping[str, Mapping] | None) -> dict[str, dict]:
+    """The evaluation sections of :func:`default_settings`, each updated key by key from ``sections`` (whose
+    :data:`RUN_SETTINGS` keys, if any, are not sections); a name that is not a default evaluation brings its own
+    ``_target_``."""
+    merged = {name: dict(value) for name, value in default_settings().items() if name not in RUN_SETTINGS}
+    for name, section in (sections or {}).items():
+        if name not in RUN_SETTINGS:
+            merged[name] = {**merged.get(name, {}), **section}
+    return merged
+
+
+def available_evals(sections: Mapping[str, Mapping]) -> list[str]:
+    """The names of the sections that are evaluations (they name a ``_target_``)."""
+    return [name for name, section in sections.items() if isinstance(section, Mapping) and "_target_" in section]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -67,19 +74,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def selected_evals(evals: str | Sequence[str]) -> list[str]:
-    """The evaluation names ``evals`` stands for (``"auto"``: :data:`AUTO_EVALS`), checked."""
+def selected_evals(evals: str | Sequence[str], sections: Mapping[str, Mapping] | None = None) -> list[str]:
+    """The evaluation names ``evals`` stands for (``"auto"``: :data:`AUTO_EVALS`), checked against the evaluations
+    of ``sections`` (default: those of ``conf/evaluation/default.yaml``)."""
+    available = available_evals(with_defaults(sections))
     names = list(AUTO_EVALS) if evals == "auto" else list(evals)
-    check_evals(names)
+    for name in names:
+        if name not in available:
+            raise ValueError(f"unknown eval {name!r}; available: {', '.join(available)}")
+    if not names:
+        raise ValueError(f"no evals selected; choose from {', '.join(available)}")
     return names
-
-
-def check_evals(evals: Sequence[str]) -> None:
-    for name in evals:
-        if name not in EVALS:
-            raise ValueError(f"unknown eval {name!r}; available: {', '.join(EVALS)}")
-    if not evals:
-        raise ValueError(f"no evals selected; choose from {', '.join(EVALS)}")
 
 
 @torch.no_grad()
@@ -95,14 +100,16 @@ def evaluate_rows(
     source: Any = None,
 ) -> dict:
     """Run ``evals`` on ``rows`` (one pass, each batch encoded once); returns ``{eval name: results, "evals": [those
-    run], "not_applicable": {eval name: why}, "notes": [...]}``. With ``evals="auto"``, those of :data:`AUTO_EVALS`
+    run], "not_applicable": {eval name: why}, "notes": [...]}``. ``settings``: evaluation sections that update the
+    defaults (:func:`with_defaults`). With ``evals="auto"``, those of :data:`AUTO_EVALS`
     the data cannot support are left out quietly; one asked for by name that does not apply is also a note.
 
     The SAE sees the rows as stored (raw activations): pass an exported SAE (``c2r.load_sae``), which works on
     raw activations. A module is put in eval mode (BatchTopK then uses its inference threshold) and moved to
     ``device`` for the pass, then restored.
     """
-    names = selected_evals(evals)
+    sections = with_defaults(settings)
+    names = selected_evals(evals, sections)
     device = resolve_device(device)
     module = sae if isinstance(sae, nn.Module) else None
     was_training = module.training if module is not None else False
@@ -117,7 +124,7 @@ def evaluate_rows(
         active, not_applicable = {}, {}
         for name in names:
             try:
-                made = EVALS[name](ctx, **dict((settings or {}).get(name, {})))
+                made = instantiate(sections[name], _partial_=True, _convert_="all")(ctx)
             except NotApplicable as reason:
                 not_applicable[name] = str(reason)
                 if evals != "auto":
@@ -158,7 +165,7 @@ def run_evaluation(
     ``eval.json``, ``eval.md`` and (``plots``) ``eval_*.png`` there. ``source``: the shard source of
     ``shard_dir`` (needed by the language-model evals). Returns what ``eval.json`` holds."""
     started = time.time()
-    selected_evals(evals)  # fail before reading any rows
+    selected_evals(evals, settings)  # fail before reading any rows
     rows = select_rows(shard_dir, tokens=tokens, split=split)
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
@@ -202,13 +209,16 @@ def _sae_summary(sae: SAELike) -> dict:
 
 __all__ = [
     "AUTO_EVALS",
-    "EVALS",
+    "RUN_SETTINGS",
     "EvalContext",
     "NotApplicable",
     "StreamingEval",
+    "available_evals",
+    "default_settings",
     "evaluate_rows",
     "run_evaluation",
     "scalar_metrics",
     "select_rows",
     "selected_evals",
+    "with_defaults",
 ]

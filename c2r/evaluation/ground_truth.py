@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from c2r.data.hierarchy import GroundTruth
-from c2r.evaluation.base import EvalContext, nan_to_none
+from c2r.data.hierarchy import GroundTruth, load_ground_truth
+from c2r.evaluation.base import EvalContext, NotApplicable, nan_to_none
 from c2r.evaluation.data import RowBatch
 
 
@@ -342,3 +342,13 @@ PARENT_METRICS = (
     "child_alignment_decoder",
     "child_alignment_encoder",
 )
+
+
+def ground_truth_eval(ctx: EvalContext, **settings) -> GroundTruthEval:
+    """Factory of the ``ground_truth`` evaluation: :class:`NotApplicable` when the shards hold no ground truth."""
+    truth = load_ground_truth(ctx.rows.directory)
+    if truth is None:
+        raise NotApplicable(
+            f"{ctx.rows.directory} has no ground truth (features.npy); use data=synthetic_hierarchy or data=synthetic"
+        )
+    return GroundTruthEval(ctx, truth, **settings)
