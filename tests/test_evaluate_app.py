@@ -127,9 +127,9 @@ def test_an_evaluation_of_ones_own_is_one_more_config_section(run_dir):
 
 
 def test_training_composes_the_same_evaluation_group(compose_train):
-    cfg = compose_train("evaluation.evals=[core,first_letter]", "evaluation.first_letter.words=600")
+    cfg = compose_train("evaluation.evals=[core,first_letter]", "evaluation.first_letter.prompts.words=600")
     evaluate_cfg = compose_evaluate()
     GlobalHydra.instance().clear()
     assert set(cfg.evaluation) == set(settings_of(evaluate_cfg))  # one group, at two places
-    assert cfg.evaluation.first_letter.words == 600 and cfg.evaluation.core._target_.endswith("CoreEval")
+    assert cfg.evaluation.first_letter.prompts.words == 600 and cfg.evaluation.core._target_.endswith("CoreEval")
     assert not compose_train("evaluation=none").get("evaluation")  # skipped at the end of training

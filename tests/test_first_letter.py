@@ -22,8 +22,10 @@ from c2r.data import HarvestedShards, SyntheticShards
 from c2r.data.lm import tiny_random_llama
 from c2r.evaluation import evaluate_rows, run_evaluation, select_rows
 from c2r.evaluation import first_letter as fl
-from c2r.evaluation.first_letter_probe import LetterProbe, save_letter_probe
+from c2r.data.lm import model_identity
+from c2r.evaluation.first_letter_probe import PROBE_CACHE_VERSION, LetterProbe, save_letter_probe
 from c2r.evaluation.first_letter_prompts import FirstLetterError, alphabetic_tokens, build_prompts, icl_prompt
+from c2r.evaluation.first_letter_settings import ProbeSettings, PromptSettings, SparseProbeSettings
 from c2r.evaluation.base import EvalContext
 from c2r.evaluation.first_letter_metrics import (
     f1_score,
@@ -34,6 +36,7 @@ from c2r.evaluation.first_letter_metrics import (
     word_absorption,
 )
 from c2r.export import sae_from_export
+from c2r.storage import content_key
 from c2r.sae import SparseAutoencoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -191,11 +194,14 @@ def make_eval(source, sae, plot_dir=None, **settings) -> fl.FirstLetterEval:
     return fl.FirstLetterEval(ctx, lm=None, **settings)
 
 
+SMALL_SPARSE_PROBE = SparseProbeSettings(max_k=3, batch_size=16)
+
+
 def test_eval_on_a_cached_probe_filters_letters_and_scores_a_perfect_sae(hand_built_probe, tmp_path):
     probe, source, d = hand_built_probe
     assert probe.f1s()[0] == 1.0 and probe.f1s()[1] == pytest.approx(0.6)
     sae = relu_sae(torch.eye(d), torch.eye(d))
-    evaluation = make_eval(source, sae, plot_dir=tmp_path, max_k=3, sparse_batch_size=16)
+    evaluation = make_eval(source, sae, plot_dir=tmp_path, sparse_probe=SMALL_SPARSE_PROBE)
     save_letter_probe(evaluation.probe_path(), probe, evaluation.cache_key())
     result = evaluation.finalize()  # lm=None: it must come from the cache
 
@@ -217,7 +223,7 @@ def test_eval_on_a_cached_probe_filters_letters_and_scores_a_perfect_sae(hand_bu
 def test_too_few_letters_give_no_means(hand_built_probe):
     probe, source, d = hand_built_probe
     sae = relu_sae(torch.eye(d), torch.eye(d))
-    evaluation = make_eval(source, sae, min_letters=26, max_k=2, sparse_batch_size=16)
+    evaluation = make_eval(source, sae, min_letters=26, sparse_probe=SparseProbeSettings(max_k=2, batch_size=16))
     save_letter_probe(evaluation.probe_path(), probe, evaluation.cache_key())
     result = evaluation.finalize()
     assert result["absorption_fraction"] is None and result["split_features"] is None
@@ -229,9 +235,16 @@ def test_cache_key_covers_content_settings_not_speed(hand_built_probe):
     _, source, d = hand_built_probe
     sae = relu_sae(torch.eye(d), torch.eye(d))
     path = make_eval(source, sae).probe_path()
-    assert make_eval(source, sae, batch_size=3, max_k=2, min_probe_f1=0.9).probe_path() == path
-    assert make_eval(source, sae, words=100).probe_path() != path
-    assert make_eval(source, sae, probe_lr=0.1).probe_path() != path
+    assert make_eval(source, sae, batch_size=3, sparse_probe=SMALL_SPARSE_PROBE, min_probe_f1=0.9).probe_path() == path
+    assert make_eval(source, sae, prompts=PromptSettings(words=100)).probe_path() != path
+    assert make_eval(source, sae, probe=ProbeSettings(lr=0.1)).probe_path() != path
+    # the settings objects keep the key of the flat settings they replaced: caches built before stay valid
+    assert path.name == "first_letter_" + content_key({
+        "version": PROBE_CACHE_VERSION, "model": model_identity(source.model, source.model_revision),
+        "model_dtype": source.model_dtype, "hook": source.hook, "context_start": source.context_start,
+        "words": 2000, "seed": 0, "test_fraction": 0.2, "icl_examples": 2, "template": "{word} has the first letter:",
+        "probe": {"epochs": 50, "batch_size": 64, "lr": 0.01, "weight_decay": 1e-4},
+    }) + ".safetensors"
     assert make_eval(SimpleNamespace(**{**vars(source), "hook": "blocks.1.hook_resid_post"}), sae).probe_path() != path
 
 
@@ -278,7 +291,8 @@ def test_end_to_end_on_the_tiny_model_caches_the_probe(tiny_source, tmp_path, mo
     shard_dir = tiny_source.ensure()
     generator = torch.Generator().manual_seed(0)
     sae = relu_sae(torch.randn(32, 64, generator=generator), torch.randn(64, 32, generator=generator))
-    settings = {"first_letter": {"words": 52, "icl_examples": 3, "probe_epochs": 5, "max_k": 3}}
+    settings = {"first_letter": {"prompts": {"words": 52, "icl_examples": 3}, "probe": {"epochs": 5},
+                                 "sparse_probe": {"max_k": 3}}}
     run = dict(evals=["core", "first_letter"], tokens=256, settings=settings, source=tiny_source)
     first = run_evaluation(sae, shard_dir, tmp_path / "out", **run)
 
@@ -288,7 +302,7 @@ def test_end_to_end_on_the_tiny_model_caches_the_probe(tiny_source, tmp_path, mo
     assert result["letters_kept"] + len(result["dropped_letters"]) == 26 and set(result["letters"]) == set(LETTERS)
     assert result["dropped_letters"]  # a random model's probes are weak
     assert any(note.startswith("first_letter:") and "letters dropped" in note for note in first["notes"])
-    assert result["settings"]["icl_examples"] == 3 and result["settings"]["f1_jump"] == 0.03
+    assert result["settings"]["prompts"]["icl_examples"] == 3 and result["settings"]["sparse_probe"]["f1_jump"] == 0.03
     report = (tmp_path / "out" / "eval.md").read_text()
     assert "## First-letter absorption" in report
 
@@ -311,3 +325,12 @@ def test_synthetic_data_is_skipped_with_a_note(tmp_path):
     result = evaluate_rows(relu_sae(torch.eye(8), torch.eye(8)), rows, evals=["core", "first_letter"], source=source)
     assert result["evals"] == ["core"] and "first_letter" not in result
     assert any(note.startswith("first_letter skipped") for note in result["notes"])
+
+
+def test_bad_settings_name_their_key():
+    with pytest.raises(FirstLetterError, match=r"first_letter.prompts.test_fraction must be in \(0, 1\), got 1.0"):
+        PromptSettings(test_fraction=1.0)
+    with pytest.raises(FirstLetterError, match="first_letter.prompts needs words >= 3"):
+        PromptSettings(words=2)
+    with pytest.raises(FirstLetterError, match="first_letter.sparse_probe.max_k must be >= 1, got 0"):
+        SparseProbeSettings(max_k=0)

@@ -35,6 +35,8 @@ a note) when fewer than ``min_letters`` letters are kept. The README lists every
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,12 @@ from c2r.evaluation.first_letter_probe import (
     save_letter_probe,
 )
 from c2r.evaluation.first_letter_prompts import LETTERS, FirstLetterError
+from c2r.evaluation.first_letter_settings import (
+    AbsorptionSettings,
+    ProbeSettings,
+    PromptSettings,
+    SparseProbeSettings,
+)
 from c2r.storage import content_key
 
 
@@ -68,66 +76,18 @@ class FirstLetterEval:
         ctx: EvalContext,
         lm: LanguageModel | None,
         *,
-        words: int = 2000,
-        seed: int = 0,
-        test_fraction: float = 0.2,
-        icl_examples: int = 2,
-        template: str = "{word} has the first letter:",
-        batch_size: int = 64,
-        probe_epochs: int = 50,
-        probe_batch_size: int = 64,
-        probe_lr: float = 1e-2,
-        probe_weight_decay: float = 1e-4,
+        prompts: PromptSettings = PromptSettings(),
+        probe: ProbeSettings = ProbeSettings(),
+        sparse_probe: SparseProbeSettings = SparseProbeSettings(),
+        absorption: AbsorptionSettings = AbsorptionSettings(),
         min_probe_f1: float = 0.6,
         min_letters: int = 1,
-        max_k: int = 10,
-        f1_jump: float = 0.03,
-        sparse_l1: float = 0.01,
-        sparse_epochs: int = 50,
-        sparse_batch_size: int = 256,
-        sparse_lr: float = 1e-2,
-        sparse_weight_decay: float = 1e-6,
-        full_absorption_cos: float = 0.025,
-        absorber_cos: float = 0.1,
-        projection_share: float = 0.4,
-        max_absorbers: int = 3,
+        batch_size: int = 64,
     ) -> None:
-        if not 0 < test_fraction < 1:
-            raise FirstLetterError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        if max_k < 1 or words < 3 or icl_examples < 0:
-            raise FirstLetterError(
-                f"need max_k >= 1, words >= 3 and icl_examples >= 0; got {max_k}, {words} and {icl_examples}"
-            )
         self.ctx, self.lm, self.source = ctx, lm, ctx.source
-        self.data_settings = {
-            "words": int(words),
-            "seed": int(seed),
-            "test_fraction": float(test_fraction),
-            "icl_examples": int(icl_examples),
-            "template": str(template),
-        }
-        self.probe_settings = {
-            "epochs": int(probe_epochs),
-            "batch_size": int(probe_batch_size),
-            "lr": float(probe_lr),
-            "weight_decay": float(probe_weight_decay),
-        }
-        self.sparse_settings = {
-            "l1": float(sparse_l1),
-            "epochs": int(sparse_epochs),
-            "batch_size": int(sparse_batch_size),
-            "lr": float(sparse_lr),
-            "weight_decay": float(sparse_weight_decay),
-        }
-        self.absorption_settings = {
-            "full_absorption_cos": float(full_absorption_cos),
-            "absorber_cos": float(absorber_cos),
-            "projection_share": float(projection_share),
-            "max_absorbers": int(max_absorbers),
-        }
-        self.batch_size = int(batch_size)
+        self.prompts, self.probe, self.sparse_probe, self.absorption = prompts, probe, sparse_probe, absorption
         self.min_probe_f1, self.min_letters = float(min_probe_f1), int(min_letters)
-        self.max_k, self.f1_jump = int(max_k), float(f1_jump)
+        self.batch_size = int(batch_size)
 
     def update(self, batch: RowBatch, acts: Tensor, recon: Tensor) -> None:
         """Nothing to do per batch: this evaluation runs its own prompts through the LM."""
@@ -141,8 +101,8 @@ class FirstLetterEval:
             "model_dtype": self.source.model_dtype,
             "hook": self.source.hook,
             "context_start": self.source.context_start,
-            **self.data_settings,
-            "probe": self.probe_settings,
+            **asdict(self.prompts),
+            "probe": asdict(self.probe),
         }
 
     def probe_path(self) -> Path:
@@ -160,8 +120,8 @@ class FirstLetterEval:
             self.source.hook,
             start_id=token_id(self.lm.tokenizer, self.source.context_start),
             batch_size=self.batch_size,
-            probe=self.probe_settings,
-            **self.data_settings,
+            probe=asdict(self.probe),
+            **asdict(self.prompts),
         )
         save_letter_probe(path, made, self.cache_key())
         return made, False
@@ -178,10 +138,10 @@ class FirstLetterEval:
         kept = [c for c, f1 in enumerate(probe_f1) if f1 > self.min_probe_f1]
         train_codes, test_codes = self.encode(letter_probe.x_train), self.encode(letter_probe.x_test)
         ranking, _ = train_linear_probe(
-            train_codes, letter_probe.y_train, len(LETTERS), seed=self.data_settings["seed"], **self.sparse_settings
+            train_codes, letter_probe.y_train, len(LETTERS), seed=self.prompts.seed, **self.sparse_probe.ranking_probe()
         )
         test_logits = letter_probe.test_logits()
-        max_k = min(self.max_k, train_codes.shape[1])
+        max_k = min(self.sparse_probe.max_k, train_codes.shape[1])
         letters: dict[str, dict] = {}
         for c, letter in enumerate(LETTERS):
             row: dict[str, Any] = {"probe_f1": probe_f1[c], "kept": c in kept}
@@ -199,14 +159,12 @@ class FirstLetterEval:
                 "words_dropped": letter_probe.words_dropped,
             },
             settings={
-                **self.data_settings,
-                "probe": self.probe_settings,
+                "prompts": asdict(self.prompts),
+                "probe": asdict(self.probe),
                 "min_probe_f1": self.min_probe_f1,
                 "min_letters": self.min_letters,
-                "max_k": self.max_k,
-                "f1_jump": self.f1_jump,
-                "sparse_probe": self.sparse_settings,
-                **self.absorption_settings,
+                "sparse_probe": asdict(self.sparse_probe),
+                "absorption": asdict(self.absorption),
             },
         )
         if self.ctx.plot_dir is not None and kept:
@@ -230,7 +188,7 @@ class FirstLetterEval:
         f1s = sparse_probe_f1s(
             train_codes, letter_probe.y_train == c, test_codes, letter_probe.y_test == c, ranked
         )
-        splits = split_count(f1s, self.f1_jump)
+        splits = split_count(f1s, self.sparse_probe.f1_jump)
         main = ranked[:splits]
         found = (letter_probe.y_test == c) & (test_logits[:, c] > 0)
         fraction, full = word_absorption(
@@ -239,7 +197,7 @@ class FirstLetterEval:
             self.ctx.sae.W_dec,
             letter_probe.weight[c],
             main,
-            **self.absorption_settings,
+            **asdict(self.absorption),
         )
         return {
             "split_features": splits,
@@ -275,12 +233,27 @@ class FirstLetterEval:
         return summary
 
 
-def first_letter_eval(ctx: EvalContext, **settings) -> FirstLetterEval:
-    """Factory of the ``first_letter`` evaluation: :class:`NotApplicable` when the rows do not come from an LM."""
+def first_letter_eval(
+    ctx: EvalContext,
+    *,
+    prompts: Mapping[str, Any] | None = None,
+    probe: Mapping[str, Any] | None = None,
+    sparse_probe: Mapping[str, Any] | None = None,
+    absorption: Mapping[str, Any] | None = None,
+    **settings: Any,
+) -> FirstLetterEval:
+    """Factory of the ``first_letter`` evaluation, from its config section (each part a mapping of its settings
+    object's fields); :class:`NotApplicable` when the rows do not come from an LM."""
+    parts = {
+        "prompts": PromptSettings(**(prompts or {})),
+        "probe": ProbeSettings(**(probe or {})),
+        "sparse_probe": SparseProbeSettings(**(sparse_probe or {})),
+        "absorption": AbsorptionSettings(**(absorption or {})),
+    }
     lm = ctx.language_model()
     if lm is None:
         raise NotApplicable(
             "the rows do not come from a language model (it needs the LM and hook that produced them); use an LM "
             "data config such as data=smollm2"
         )
-    return FirstLetterEval(ctx, lm, **settings)
+    return FirstLetterEval(ctx, lm, **parts, **settings)
