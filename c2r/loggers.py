@@ -56,7 +56,9 @@ def sweep_group() -> str | None:
 
 
 def run_id(run_dir: str | Path) -> str:
-    """A W&B run id derived from the run folder, so a relaunched (resumed) job logs into the same W&B run."""
+    """A W&B run id derived from the run folder, so a relaunched (resumed) job logs into the same W&B run. Not
+    :func:`c2r.storage.content_key` (sha256 of settings): this names a place, and its sha1 form is kept so that
+    runs begun by earlier versions keep their W&B run on resumption."""
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
