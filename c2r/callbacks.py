@@ -77,7 +77,10 @@ class TokensPerSecond(L.Callback):
 
 class StepProgressBar(TQDMProgressBar):
     """Lightning's progress bar counting optimiser steps up to ``max_steps``. c2r trains one endless epoch that
-    stops at ``max_steps``, so the epoch number Lightning's bars show ("Epoch 0", "Epoch 0/-2") says nothing."""
+    stops at ``max_steps``, so the epoch number Lightning's bars show ("Epoch 0", "Epoch 0/-2") says nothing.
+
+    Build it with ``refresh_rate`` = the trainer's ``log_every_n_steps``: each refresh turns the logged values into
+    Python numbers (a device-to-host read that waits for the GPU), so it refreshes on the steps that log anyway."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)

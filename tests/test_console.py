@@ -32,6 +32,19 @@ def test_progress_bar_counts_steps_not_epochs(capsys):
     assert "steps: 100%" in bar.out + bar.err and "3/3" in bar.out + bar.err
 
 
+def test_progress_bar_reads_metrics_back_only_on_logging_steps(monkeypatch):
+    """Each refresh converts the logged tensors to Python numbers, a host sync on a GPU: at refresh_rate =
+    log_every_n_steps it happens on the steps that log (5, 10, ..., 20) and at the epoch's end, not on every step."""
+    reads = []
+    original = StepProgressBar.get_metrics
+    monkeypatch.setattr(StepProgressBar, "get_metrics",
+                        lambda self, trainer, module: reads.append(trainer.global_step) or original(self, trainer, module))
+    trainer = L.Trainer(max_steps=20, callbacks=[StepProgressBar(refresh_rate=5)], logger=False, log_every_n_steps=5,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(BoringModel())
+    assert sorted(set(reads)) == [5, 10, 15, 20]
+
+
 @pytest.mark.parametrize(
     "module, heavy",
     [
