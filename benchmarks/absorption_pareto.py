@@ -52,6 +52,7 @@ COLUMNS = {
         "first_letter.letters_kept": ("letters_kept", "letters kept"),
         "ce_loss.ce_loss_score": ("ce_loss_score", "CE-loss score"),
         "core.decoder_max_cos_mean": ("decoder_max_cos_mean", "decoder max cos"),
+        "consistency.mean_best_cosine": ("consistency_mean_best_cosine", "cross-seed best cos"),
     },
 }
 
