@@ -33,10 +33,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 # report.csv column -> (short name, table header), per evaluation; the plot is core.fvu vs <eval>.absorption_fraction.
+RECONSTRUCTION = {"core.fvu": ("fvu", "FVU"), "core.l0": ("l0", "L0")}
 COLUMNS = {
     "ground_truth": {
-        "core.fvu": ("fvu", "FVU"),
-        "core.l0": ("l0", "L0"),
+        **RECONSTRUCTION,
         "ground_truth.absorption_fraction": ("absorption_fraction", "absorption fraction"),
         "ground_truth.full_absorption": ("full_absorption", "full absorption"),
         "ground_truth.splitting@0.7": ("splitting@0.7", "splitting@0.7"),
@@ -44,8 +44,7 @@ COLUMNS = {
         "ground_truth.mmcs": ("mmcs", "MMCS"),
     },
     "first_letter": {
-        "core.fvu": ("fvu", "FVU"),
-        "core.l0": ("l0", "L0"),
+        **RECONSTRUCTION,
         "first_letter.absorption_fraction": ("absorption_fraction", "absorption fraction"),
         "first_letter.full_absorption_rate": ("full_absorption_rate", "full absorption rate"),
         "first_letter.split_features": ("split_features", "split features"),

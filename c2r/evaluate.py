@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 def settings_of(cfg: DictConfig) -> dict[str, Any]:
     """The evaluation settings at the root of an ``evaluate`` config (conf/evaluation/default.yaml composed
     there, plus sections added on the command line), as plain values."""
-    from c2r.evaluation import RUN_SETTINGS
+    from c2r.evaluation import RUN_SETTINGS, available_evals
 
-    keys = [key for key in cfg if key in RUN_SETTINGS or (isinstance(cfg[key], DictConfig) and "_target_" in cfg[key])]
+    keys = [*(key for key in cfg if key in RUN_SETTINGS), *available_evals(cfg)]
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
 
 
@@ -72,9 +72,9 @@ def evaluate_run(run_dir: str | Path, cfg: DictConfig | None = None, **overrides
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else load_run_config(run_dir)
     settings = default_settings()
-    valid = (*RUN_SETTINGS, *available_evals(settings))
+    valid = (*RUN_SETTINGS, *available_evals(settings), *available_evals(overrides))  # sections of one's own too
     for key in overrides:
-        if key not in valid and not (isinstance(overrides[key], dict) and "_target_" in overrides[key]):
+        if key not in valid:
             raise ValueError(f"unknown evaluation setting {key!r}; valid: {', '.join(valid)}")
     return evaluate_sae_on(run_dir / "sae", cfg.data, run_dir, {**settings, **overrides})
 

@@ -118,8 +118,10 @@ def fit_and_export(cfg: DictConfig, run_dir: Path, started: float) -> dict[str, 
     progress_bar = bool(cfg.trainer.enable_progress_bar) and sys.stderr.isatty()
     callbacks = [checkpoint, NonFiniteLossGuard(cfg.trainer.log_every_n_steps), TokensPerSecond(), DataWaitFraction(),
                  LatentHistograms()]
-    bar = StepProgressBar(refresh_rate=cfg.trainer.log_every_n_steps)  # reads values back only when they are logged
-    callbacks.append(bar if progress_bar else ProgressLog(cfg.progress_every, max_steps))
+    callbacks.append(  # the bar reads values back from the device, so only on the steps that log them
+        StepProgressBar(refresh_rate=cfg.trainer.log_every_n_steps) if progress_bar
+        else ProgressLog(cfg.progress_every, max_steps)
+    )
     trainer = L.Trainer(
         **cfg.hardware,
         **{**cfg.trainer, "enable_progress_bar": progress_bar},

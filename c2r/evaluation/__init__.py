@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,15 @@ AUTO_EVALS = ("core", "ground_truth", "ce_loss")
 so it is asked for by name)."""
 
 
+@cache
+def _default_settings_text() -> str:
+    return resources.files("c2r.conf").joinpath("evaluation", "default.yaml").read_text()
+
+
 def default_settings() -> dict[str, Any]:
-    """``conf/evaluation/default.yaml`` as plain values: the defaults of the Python API (inside Hydra jobs the
-    composed config carries them)."""
-    text = resources.files("c2r.conf").joinpath("evaluation", "default.yaml").read_text()
-    return OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+    """``conf/evaluation/default.yaml`` as plain values (a fresh copy; the file is read once): the defaults of the
+    Python API (inside Hydra jobs the composed config carries them)."""
+    return OmegaConf.to_container(OmegaConf.create(_default_settings_text()), resolve=True)
 
 
 def with_defaults(sections: Mapping[str, Mapping] | None) -> dict[str, dict]:
@@ -76,8 +81,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def selected_evals(evals: str | Sequence[str], sections: Mapping[str, Mapping] | None = None) -> list[str]:
     """The evaluation names ``evals`` stands for (``"auto"``: :data:`AUTO_EVALS`), checked against the evaluations
-    of ``sections`` (default: those of ``conf/evaluation/default.yaml``)."""
-    available = available_evals(with_defaults(sections))
+    of ``sections``, complete ones (:func:`with_defaults`, or a composed evaluation config; default: those of
+    ``conf/evaluation/default.yaml``)."""
+    available = available_evals(default_settings() if sections is None else sections)
     names = list(AUTO_EVALS) if evals == "auto" else list(evals)
     for name in names:
         if name not in available:
@@ -165,7 +171,7 @@ def run_evaluation(
     ``eval.json``, ``eval.md`` and (``plots``) ``eval_*.png`` there. ``source``: the shard source of
     ``shard_dir`` (needed by the language-model evals). Returns what ``eval.json`` holds."""
     started = time.time()
-    selected_evals(evals, settings)  # fail before reading any rows
+    selected_evals(evals, with_defaults(settings))  # fail before reading any rows
     rows = select_rows(shard_dir, tokens=tokens, split=split)
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
