@@ -10,8 +10,8 @@ neighbour is the exact one (``exact_agreement``) and loss(chosen pairs) / loss(e
 
 Modes: ``cached`` = one kept neighbour per latent refreshed every 100 steps (``candidates=1`` without the
 probe: the search that was the default before candidate lists), ``lists`` = 16 candidates per latent refreshed
-every 100 steps (no probe), ``candidates`` = the default (16 candidates, repaired from the neighbours' lists when the probe finds misses,
-refreshed when the repair does not remove them). Prints a table and writes benchmarks/results/c2r_exactness.json.
+every 100 steps (no probe), ``candidates`` = the default (16 candidates; when the probe finds misses the lists most likely stale are
+rebuilt, and all of them when that does not remove the misses). Prints a table and writes benchmarks/results/c2r_exactness.json.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def read_audit(metrics_csv: Path) -> list[dict[str, float]]:
             "steps_since_refresh": float(row["details/c2r/steps_since_refresh"]),
             "exact_agreement": float(row["details/c2r/exact_agreement"]),
             "exact_loss_ratio": float(row["details/c2r/exact_loss_ratio"]),
-            "repairs": float(row.get("details/c2r/repairs") or 0),  # logged from the first repair on
+            "renewals": float(row.get("details/c2r/renewals") or 0),  # logged from the first renewal on
         }
         for row in logged
     ]
@@ -85,7 +85,7 @@ def summarise(steps: list[dict[str, float]]) -> list[dict]:
         })
     refreshes = sum(s["steps_since_refresh"] == 0 for s in steps)
     windows.append({"window": "all", "steps": len(steps), "refreshes": refreshes,
-                    "repairs": int(max(s.get("repairs", 0) for s in steps)),
+                    "renewals": int(max(s.get("renewals", 0) for s in steps)),
                     "loss_ratio_mean": statistics.fmean(s["exact_loss_ratio"] for s in steps),
                     "loss_ratio_min": min(s["exact_loss_ratio"] for s in steps),
                     "not_exact_share_mean": 1 - statistics.fmean(s["exact_agreement"] for s in steps),
@@ -116,12 +116,12 @@ def main() -> None:
                                  "mode": mode, "windows": summarise(steps), "steps": steps})
 
     print(f"\n{'data':>20} {'F':>5} {'mode':>10} {'window':>7} {'loss ratio mean (min)':>22} "
-          f"{'not exact mean (max)':>21} {'refreshes':>9} {'repairs':>7}")
+          f"{'not exact mean (max)':>21} {'refreshes':>9} {'renewals':>8}")
     for job in jobs:
         for w in job["windows"]:
             print(f"{job['data']:>20} {job['dict_size']:>5} {job['mode']:>10} {w['window']:>7} "
                   f"{w['loss_ratio_mean']:>14.3f} ({w['loss_ratio_min']:.3f}) "
-                  f"{w['not_exact_share_mean']:>13.3f} ({w['not_exact_share_max']:.3f}) {w.get('refreshes', ''):>9} {w.get('repairs', ''):>7}")
+                  f"{w['not_exact_share_mean']:>13.3f} ({w['not_exact_share_max']:.3f}) {w.get('refreshes', ''):>9} {w.get('renewals', ''):>8}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     key = lambda job: (job["data"], job["dict_size"], job["mode"])  # noqa: E731

@@ -3,7 +3,7 @@
 A step is what training does: forward, every loss term (MSE, AuxK, C²R), backward, the decoder-gradient
 projection, Adam, decoder renormalisation. C²R is applied on every step (interval=1) so each timed step pays
 for it. For ``candidates`` (the default) each timed step pays for re-ranking the lists, every ``probe_every``-th
-one for the probe too (and for a repair when the probe asks for one), so steps are averaged, never the median;
+one for the probe too (and for a renewal when the probe asks for one), so steps are averaged, never the median;
 a full refresh of the lists is timed separately and amortised over ``refresh_every`` steps (mean step without a
 refresh + refresh / refresh_every), and the refreshes the probe asked for during the timed steps are counted.
 
@@ -86,7 +86,7 @@ def time_modes(args: argparse.Namespace, dict_size: int, device: torch.device) -
             result["refresh_s"] = time.perf_counter() - started
             result["refreshed_steps"] = sum(rebuilt for _, rebuilt in timed)
             result["step_s"] = statistics.fmean(plain) if plain else None
-            result["repairs"] = regularizers["c2r"].repairs
+            result["renewals"] = regularizers["c2r"].renewals
             result["amortised_step_s"] = (
                 result["step_s"] + result["refresh_s"] / args.refresh_every if plain else result["all_steps_mean_s"]
             )
@@ -117,7 +117,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     rows = []
-    print(f"{'F':>7} {'search':>10} {'mean s/step':>12} {'amortised':>10} {'× none':>7} {'rebuilt steps':>13} {'repairs':>7}", flush=True)
+    print(f"{'F':>7} {'search':>10} {'mean s/step':>12} {'amortised':>10} {'× none':>7} {'rebuilt steps':>13} {'renewals':>8}", flush=True)
     for dict_size in args.sizes:
         results = time_modes(args, dict_size, device)
         baseline = next((r["amortised_step_s"] for r in results if r["mode"] == "none"), None)
@@ -129,7 +129,7 @@ def main() -> None:
             step = f"{result['step_s']:.3f}" if result["step_s"] is not None else "-"
             print(
                 f"{dict_size:>7} {result['mode']:>10} {step:>12} {result['amortised_step_s']:>10.3f} {ratio:>7} "
-                f"{result.get('refreshed_steps', ''):>13} {result.get('repairs', ''):>7}",
+                f"{result.get('refreshed_steps', ''):>13} {result.get('renewals', ''):>8}",
                 flush=True,
             )
 

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from c2r import geometry
-from c2r.geometry import best_candidates, nearest_neighbors_exact, repaired_candidates, top_candidates
+from c2r.geometry import CandidateLists, best_candidates, nearest_neighbors_exact, renewed_candidates, top_candidates
 from c2r.regularizers import C2R, c2r_loss
 from c2r.regularizers.c2r import pair_loss
 from c2r.sae import TopKSAE
@@ -28,10 +28,12 @@ def loss_and_grads(loss_fn, acts, rows):
 
 
 def naive_top_candidates(rows, count):
-    """Brute force in float64: each row's ``count`` most similar other rows, sorted by index."""
+    """Brute force in float64: each row's ``count`` most similar other rows, sorted by index, and the cosine of the
+    most similar row left out."""
     unit = torch.nn.functional.normalize(rows.double(), dim=1)
     cosines = (unit @ unit.T).fill_diagonal_(float("-inf"))
-    return cosines.topk(count, dim=1).indices.sort(dim=1).values
+    best = cosines.topk(count + 1, dim=1)
+    return best.indices[:, :count].sort(dim=1).values, best.values[:, count]
 
 
 # ---------------------------------------------------------------- the search itself
@@ -39,23 +41,31 @@ def naive_top_candidates(rows, count):
 def test_top_candidates_are_the_most_similar_other_latents_sorted_by_index(tile_size):
     rows = random_rows(200, 12, seed=0)
     got = top_candidates(rows, 9, tile_size=tile_size)
-    assert got.shape == (200, 9)
-    assert torch.equal(got, naive_top_candidates(rows, 9))
-    assert (got != torch.arange(200)[:, None]).all()  # never the latent itself
+    want_lists, want_floors = naive_top_candidates(rows, 9)
+    assert got.lists.shape == (200, 9)
+    assert torch.equal(got.lists, want_lists)
+    torch.testing.assert_close(got.floors, want_floors.float())
+    assert (got.lists != torch.arange(200)[:, None]).all()  # never the latent itself
+    some = torch.tensor([5, 0, 199, 77])  # the search for some latents only gives their rows of the same answer
+    part = top_candidates(rows, 9, tile_size=tile_size, latents=some)
+    assert torch.equal(part.lists, want_lists[some])
+    torch.testing.assert_close(part.floors, want_floors[some].float())
 
 
 def test_more_candidates_than_other_latents_keeps_all_others_and_one_latent_has_none():
     rows = random_rows(5, 3, seed=1)
-    assert top_candidates(rows, 16).tolist() == [[j for j in range(5) if j != i] for i in range(5)]
+    every_other = top_candidates(rows, 16)
+    assert every_other.lists.tolist() == [[j for j in range(5) if j != i] for i in range(5)]
+    assert torch.isinf(every_other.floors).all()  # nothing was left out
     alone = top_candidates(rows[:1], 16)
-    assert alone.shape == (1, 0)
-    assert best_candidates(rows[:1], alone).tolist() == [0]  # the "no neighbour" sentinel
+    assert alone.lists.shape == (1, 0)
+    assert best_candidates(rows[:1], alone.lists).tolist() == [0]  # the "no neighbour" sentinel
 
 
 def test_candidate_argmax_equals_the_exact_argmax_when_the_true_neighbour_is_in_the_list(monkeypatch):
     monkeypatch.setattr(geometry, "CANDIDATE_ROWS", 17)  # several tiles of latents, the last one partial
     rows = random_rows(300, 8, seed=2)
-    lists = top_candidates(rows, 4)
+    lists = top_candidates(rows, 4).lists
     moved = rows + 0.5 * random_rows(300, 8, seed=3)  # training moved the decoder since the lists were made
     exact = nearest_neighbors_exact(moved)
     chosen = best_candidates(moved, lists)
@@ -70,7 +80,7 @@ def test_candidate_argmax_equals_the_exact_argmax_when_the_true_neighbour_is_in_
 
 def test_ties_among_candidates_go_to_the_smallest_index_like_the_exact_search():
     rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]])  # rows 1 and 2 tie for row 0 and row 3
-    lists = top_candidates(rows, 3)
+    lists = top_candidates(rows, 3).lists
     assert torch.equal(best_candidates(rows, lists), nearest_neighbors_exact(rows))
 
 
@@ -82,24 +92,44 @@ def test_a_low_precision_first_pass_re_ranked_in_fp32_gives_the_fp32_argmax():
     assert (bf16_argmax != exact).sum() > 10  # a bf16 search alone picks other neighbours for many rows
 
     lists = top_candidates(rows, 4, first_pass_dtype=torch.bfloat16)
-    assert torch.equal(best_candidates(rows, lists), exact)
-    assert torch.equal(lists, top_candidates(rows, 4))  # the re-ranked lists are the fp32 lists
+    fp32 = top_candidates(rows, 4)
+    assert torch.equal(best_candidates(rows, lists.lists), exact)
+    assert torch.equal(lists.lists, fp32.lists)  # the re-ranked lists are the fp32 lists, and so are the floors
+    torch.testing.assert_close(lists.floors, fp32.floors)
     regularizer = C2R(coef=1, interval=1, candidates=4, refresh_precision="bfloat16")
     assert torch.equal(regularizer.neighbors(rows, 0), exact)
 
 
-def test_repaired_lists_are_the_most_similar_latents_of_the_neighbours_lists():
+def test_a_renewal_rebuilds_the_lists_with_the_smallest_leads_and_the_named_ones_and_keeps_the_rest():
     rows = random_rows(120, 6, seed=20)
-    lists = top_candidates(rows, 3)
+    old = top_candidates(rows, 3)
     moved = rows + 0.3 * random_rows(120, 6, seed=21)
+    got = renewed_candidates(moved, old, 0.1, also=torch.tensor([7, 7]))
+
     unit = torch.nn.functional.normalize(moved.double(), dim=1)
-    want = []
-    for i, listed in enumerate(lists.tolist()):
-        pool = (set(listed) | {j for c in listed for j in lists[c].tolist()}) - {i}
-        want.append(sorted(sorted(pool, key=lambda j: -(unit[i] @ unit[j]).item())[:3]))
-    got = repaired_candidates(moved, lists)
-    assert got.tolist() == want
-    assert not torch.equal(got, lists)  # the move changed some lists, so the test has teeth
+    best_listed = torch.stack([max(unit[i] @ unit[j] for j in old.lists[i]) for i in range(120)])
+    leads = best_listed - old.floors.double()
+    renewed = set(leads.argsort()[:12].tolist()) | {7}
+    want_lists, want_floors = naive_top_candidates(moved, 3)
+    for i in range(120):
+        want = (want_lists[i], want_floors[i]) if i in renewed else (old.lists[i], old.floors[i].double())
+        assert torch.equal(got.lists[i], want[0]), i
+        torch.testing.assert_close(got.floors[i].double(), want[1])
+    assert not torch.equal(got.lists, old.lists)  # the move changed some renewed lists, so the test has teeth
+
+
+def test_the_smallest_leads_hold_the_stale_lists():
+    """The renewal's premise on a moved decoder: the eighth of latents with the smallest leads holds most of the
+    latents whose exact neighbour left their list, far more than an eighth."""
+    rows = random_rows(2000, 16, seed=22)
+    old = top_candidates(rows, 8)
+    moved = rows + 0.15 * random_rows(2000, 16, seed=23)
+    stale = (old.lists != nearest_neighbors_exact(moved)[:, None]).all(dim=1)
+    renewed = renewed_candidates(moved, old, 0.125)
+    changed = (renewed.lists != old.lists).any(dim=1) | (renewed.floors != old.floors)
+    assert changed.sum() <= 250
+    assert stale.sum() >= 20 and (stale & changed).sum() >= 0.5 * stale.sum()
+    assert (best_candidates(moved, renewed.lists) != nearest_neighbors_exact(moved)).sum() <= 0.5 * stale.sum()
 
 
 def half_circle(count, seed):
@@ -116,7 +146,7 @@ def test_candidates_equal_exact_right_after_a_refresh_and_re_rank_the_old_lists_
     exact = lambda a, w: c2r_loss(a, w, neighbor_search="exact")  # noqa: E731
     for got, want in zip(loss_and_grads(lambda a, w: regularizer(a, w, 0), acts, rows), loss_and_grads(exact, acts, rows)):
         torch.testing.assert_close(got, want)
-    lists_at_0 = top_candidates(rows, 3)
+    lists_at_0 = top_candidates(rows, 3).lists
     assert torch.equal(regularizer.candidate_lists, lists_at_0)
 
     moved = rows + 0.8 * random_rows(24, 8, seed=6).double()
@@ -151,7 +181,7 @@ def test_candidate_recall_on_a_constructed_case():
 def test_the_probe_refreshes_stale_lists_as_soon_as_it_finds_misses():
     rows = random_rows(400, 8, seed=12)
     acts = torch.relu(random_rows(16, 400, seed=13))
-    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=400, probe_every=1)
+    regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=100, probe_every=1)
     regularizer(acts, rows, 0)
     assert regularizer.refreshes == 1 and "probe_agreement" not in regularizer.metrics  # a refresh step: no probe
     regularizer(acts, rows, 1)  # nothing moved: every probed latent's chosen neighbour is exact
@@ -161,13 +191,13 @@ def test_the_probe_refreshes_stale_lists_as_soon_as_it_finds_misses():
     stale = best_candidates(moved, regularizer.candidate_lists)
     assert (stale != nearest_neighbors_exact(moved)).float().mean() > 0.05
     neighbors = regularizer.neighbors(moved, 2)
-    # The probe saw misses, the repair could not remove them all: refreshed now.
-    assert regularizer.refreshes == 2 and regularizer.repairs == 1 and regularizer.refreshed_at == 2
+    # The probe saw misses, the renewal could not remove them all: refreshed now.
+    assert regularizer.refreshes == 2 and regularizer.renewals == 1 and regularizer.refreshed_at == 2
     assert regularizer.probe_metrics["probe_agreement"].item() < 0.95
     assert torch.equal(neighbors, nearest_neighbors_exact(moved))  # ... so this step's pairs are exact
 
 
-def test_a_stale_probe_first_repairs_the_lists_and_refreshes_only_if_misses_remain():
+def test_a_stale_probe_first_renews_the_lists_and_refreshes_only_if_misses_remain():
     rows, angles = half_circle(60, seed=0)
     regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=60)
     regularizer.neighbors(rows, 0)
@@ -177,11 +207,12 @@ def test_a_stale_probe_first_repairs_the_lists_and_refreshes_only_if_misses_rema
     exact = nearest_neighbors_exact(moved)
     assert (best_candidates(moved, regularizer.candidate_lists) != exact).sum() == 1  # latent 21's is stale
     assert torch.equal(regularizer.neighbors(moved, 1), exact)
-    assert (regularizer.refreshes, regularizer.repairs) == (1, 1)  # the repair was enough: no O(F²) refresh
-    assert regularizer.probe_metrics["probe_agreement"].item() == pytest.approx(59 / 60)  # before the repair
+    assert (regularizer.refreshes, regularizer.renewals) == (1, 1)  # the renewal was enough: no O(F²) refresh
+    assert regularizer.probe_metrics["probe_agreement"].item() == pytest.approx(59 / 60)  # before the renewal
     restored = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=60)
     restored.load_state_dict(regularizer.state_dict())
-    assert restored.repairs == 1 and torch.equal(restored.candidate_lists, regularizer.candidate_lists)
+    assert restored.renewals == 1 and torch.equal(restored.candidate_lists, regularizer.candidate_lists)
+    assert torch.equal(restored.candidate_floors, regularizer.candidate_floors)
 
 
 def test_the_probe_runs_on_every_probe_every_th_c2r_step_only():
@@ -192,8 +223,9 @@ def test_the_probe_runs_on_every_probe_every_th_c2r_step_only():
     moved = rows + 0.5 * random_rows(400, 8, seed=14)
     regularizer(acts, moved, 1)  # call 1: no probe, the stale lists are used
     assert regularizer.refreshes == 1 and "probe_agreement" not in regularizer.metrics
-    regularizer(acts, moved, 2)  # call 2: the probe finds the misses
-    assert regularizer.refreshes == 2 and regularizer.metrics["probe_agreement"].item() < 0.95
+    regularizer(acts, moved, 2)  # call 2: the probe finds the misses (every latent is probed: renewing them is enough)
+    assert (regularizer.refreshes, regularizer.renewals) == (1, 1)
+    assert regularizer.metrics["probe_agreement"].item() < 0.95
 
 
 def test_the_probe_tolerates_misses_below_a_quarter_of_the_target():
@@ -242,13 +274,14 @@ def test_candidate_state_survives_a_checkpoint():
     restored = C2R(candidates=3, refresh_every=50, probe_every=2)
     restored.load_state_dict(trained.state_dict())
     assert torch.equal(restored.candidate_lists, trained.candidate_lists)
+    assert torch.equal(restored.candidate_floors, trained.candidate_floors)
     assert (restored.refreshed_at, restored.refreshes, restored.calls) == (7, 1, 1)
-    # The next steps go on alike: the restored module re-ranks the saved lists, and probes (and mends them) on the
+    # The next steps go on alike: the restored module re-ranks the saved lists, and probes (and renews them) on the
     # same call as the uninterrupted one.
     for step, rows_now in ((8, rows + 0.01 * random_rows(10, 4, seed=11)), (9, random_rows(10, 4, seed=12))):
         assert torch.equal(restored(acts, rows_now, step), trained(acts, rows_now, step))
         assert torch.equal(restored.candidate_lists, trained.candidate_lists)
-    assert (restored.refreshes, restored.repairs) == (trained.refreshes, trained.repairs) == (1, 1)  # mended at step 9
+    assert (restored.refreshes, restored.renewals) == (trained.refreshes, trained.renewals) == (1, 1)  # renewed at step 9
 
 
 # ---------------------------------------------------------------- in a real training run

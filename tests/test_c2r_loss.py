@@ -209,6 +209,7 @@ def test_defaults():
     assert module.schedule == Schedule(coef=5.0, interval=5) and module.alpha == 1.0
     assert module.neighbor_search == "candidates" and module.candidates == 16 and module.refresh_every == 100
     assert module.probe_latents == 512 and module.probe_every == 1 and module.target_agreement == 0.99
+    assert module.renew_share == 0.125
     assert module.chunk_size == 8192 and module.audit_every == 0
 
 
@@ -227,6 +228,7 @@ def test_defaults():
         (dict(probe_latents=-1), "probe_latents must be >= 0"),
         (dict(probe_every=0), "probe_every must be >= 1"),
         (dict(target_agreement=1), "target_agreement must be in"),
+        (dict(renew_share=0), "renew_share must be in"),
         (dict(refresh_precision="fp8"), "unknown C2R refresh_precision 'fp8'"),
         (dict(audit_every=-1), "audit_every must be >= 0"),
         (dict(chunk_size=1), "chunk_size must be >= 2"),

@@ -37,7 +37,8 @@ from c2r.geometry import (
     full_precision,
     nearest_neighbors_chunked,
     nearest_neighbors_exact,
-    repaired_candidates,
+    CandidateLists,
+    renewed_candidates,
     top_candidates,
     unit_and_norms,
 )
@@ -55,9 +56,9 @@ C2R_NEIGHBOR_SEARCHES = ("candidates", *NEIGHBOR_SEARCHES)
 
 REFRESH_PRECISIONS = ("auto", "float32", "bfloat16")
 
-PROBE_STREAM, REPAIR_PROBE_STREAM = "c2r.probe", "c2r.repair_probe"
-"""The streams that draw the probe's latents, before and after a repair: independent samples, so the check after a
-repair is not the sample that found the misses."""
+PROBE_STREAM, RENEWAL_PROBE_STREAM = "c2r.probe", "c2r.renewal_probe"
+"""The streams that draw the probe's latents, before and after a renewal: independent samples, so the check after a
+renewal is not the sample that found the misses."""
 
 
 def _check_neighbor_search(neighbor_search: str, valid: tuple[str, ...] = NEIGHBOR_SEARCHES) -> None:
@@ -223,9 +224,10 @@ class C2R(Regularizer):
       the listed pairs apart, so lists go stale at a rate set by coef, learning rate and phase of training; a
       probe keeps them exact: on every ``probe_every``-th C²R step the exact neighbours of ``probe_latents``
       random latents are computed (O(probe_latents·F·d)), and as soon as the probe's share of latents whose chosen
-      neighbour is not the exact one exceeds a quarter of ``1 - target_agreement`` the lists are mended from the
-      neighbours' lists (O(F·m²·d)) and, if a second probe still finds misses, refreshed; they are refreshed at
-      least every ``refresh_every`` steps. ``refresh_precision``: the refresh's first pass runs in bf16 on CUDA
+      neighbour is not the exact one exceeds a quarter of ``1 - target_agreement`` the lists of the ``renew_share``
+      of latents most likely stale are rebuilt exactly (O(renew_share·F²·d), see
+      :func:`~c2r.geometry.renewed_candidates`) and, if a second probe still finds misses, all lists are
+      refreshed; they are refreshed at least every ``refresh_every`` steps. ``refresh_precision``: the refresh's first pass runs in bf16 on CUDA
       (``auto``) and its pool of ``2·candidates`` is re-ranked in fp32.
     - ``"exact"``: the global argmax over all F latents at every call (tiled; O(F²·d) per call): the reference.
     - ``"chunked"``: the paper's; the permutation at a step is drawn from a generator seeded from
@@ -252,6 +254,7 @@ class C2R(Regularizer):
         probe_latents: int = 512,
         probe_every: int = 1,
         target_agreement: float = 0.99,
+        renew_share: float = 0.125,
         refresh_precision: str = "auto",
         chunk_size: int = 8192,
         tile_size: int = 4096,
@@ -273,6 +276,8 @@ class C2R(Regularizer):
             raise ValueError(f"C2R probe_every must be >= 1 (C2R steps between probes of the lists), got {probe_every}")
         if not 0 < target_agreement < 1:
             raise ValueError(f"C2R target_agreement must be in (0, 1) (share of exact neighbours to keep), got {target_agreement}")
+        if not 0 < renew_share <= 1:
+            raise ValueError(f"C2R renew_share must be in (0, 1] (share of latents whose lists a stale probe rebuilds), got {renew_share}")
         if refresh_precision not in REFRESH_PRECISIONS:
             raise ValueError(
                 f"unknown C2R refresh_precision {refresh_precision!r}; choose one of {', '.join(map(repr, REFRESH_PRECISIONS))}"
@@ -286,17 +291,19 @@ class C2R(Regularizer):
         self.probe_latents = int(probe_latents)
         self.probe_every = int(probe_every)
         self.target_agreement = float(target_agreement)
+        self.renew_share = float(renew_share)
         self.refresh_precision = refresh_precision
         self.chunk_size = int(chunk_size)
         self.tile_size = int(tile_size)
         self.audit_every = int(audit_every)
         self.seed = int(seed)
-        # "candidates" state, checkpointed: the lists (sized at the first refresh, when F is known), when they were
-        # made, how many refreshes and calls so far (the extra state).
+        # "candidates" state, checkpointed: the lists and their floors (sized at the first refresh, when F is
+        # known), when they were refreshed, how many refreshes, renewals and calls so far (the extra state).
         self.register_buffer("candidate_lists", torch.empty(0, 0, dtype=torch.long))
+        self.register_buffer("candidate_floors", torch.empty(0))
         self.refreshed_at = -1
         self.refreshes = 0
-        self.repairs = 0
+        self.renewals = 0
         self.calls = 0
         # What the last refresh found; reported on every call until the next refresh, so that it reaches the
         # logger whatever the logging interval; likewise the last probe's.
@@ -307,17 +314,17 @@ class C2R(Regularizer):
     def neighbors(self, decoder_rows: Rows, step: int) -> Tensor:
         """``j(i)`` for every latent at ``step`` (no gradient), identical on every DDP rank."""
         if not isinstance(decoder_rows, UnitRows):
-            decoder_rows = unit_and_norms(decoder_rows)  # once, for the re-rank, the probe and a repair
+            decoder_rows = unit_and_norms(decoder_rows)  # once, for the re-rank, the probe and a renewal
         if self.neighbor_search == "candidates":
             if self.candidate_lists.shape[0] != decoder_rows.unit.shape[0] or step - self.refreshed_at >= self.refresh_every:
                 return _same_on_all_ranks(self.refresh(decoder_rows, step))
             chosen = best_candidates(decoder_rows, self.candidate_lists)
             if self.probe_latents and self.calls % self.probe_every == 0:
-                misses = self._probe_misses(decoder_rows, chosen, step, PROBE_STREAM)
+                misses, missed = self._probe(decoder_rows, chosen, step, PROBE_STREAM)
                 self.probe_metrics = {"probe_agreement": 1 - misses}
                 if self._too_many(misses):
-                    chosen = self.repair(decoder_rows)
-                    if self._too_many(self._probe_misses(decoder_rows, chosen, step, REPAIR_PROBE_STREAM)):
+                    chosen = self.renew(decoder_rows, missed)
+                    if self._too_many(self._probe(decoder_rows, chosen, step, RENEWAL_PROBE_STREAM)[0]):
                         chosen = self.refresh(decoder_rows, step)
             return _same_on_all_ranks(chosen)
         generator = stream_generator(self.seed, "c2r.chunks", step) if self.neighbor_search == "chunked" else None
@@ -331,37 +338,49 @@ class C2R(Regularizer):
     def refresh(self, decoder_rows: Rows, step: int) -> Tensor:
         """Recompute the candidate lists (the only O(F²·d) work of this mode), log how many of the fresh exact
         neighbours the old lists held, and return those exact neighbours (the best of the fresh lists)."""
-        fresh = _same_on_all_ranks(
-            top_candidates(decoder_rows, self.candidates, tile_size=self.tile_size, first_pass_dtype=self._first_pass_dtype(decoder_rows))
+        fresh = top_candidates(
+            decoder_rows, self.candidates, tile_size=self.tile_size, first_pass_dtype=self._first_pass_dtype(decoder_rows)
         )
-        exact = best_candidates(decoder_rows, fresh)
         old = self.candidate_lists
-        if old.shape[0] == fresh.shape[0] and old.shape[1] > 0:
+        self._keep(fresh)
+        exact = best_candidates(decoder_rows, self.candidate_lists)
+        if old.shape == self.candidate_lists.shape and old.shape[1] > 0:
             self.refresh_metrics["candidate_recall"] = (old == exact[:, None]).any(dim=1).float().mean()
-        self.candidate_lists = fresh
         self.refreshed_at = step
         self.refreshes += 1
         self.refresh_metrics["refreshes"] = torch.tensor(float(self.refreshes))
         return exact
 
     @torch.no_grad()
-    def repair(self, decoder_rows: Rows) -> Tensor:
-        """Mend the lists from the neighbours' lists (O(F·m²·d), see :func:`repaired_candidates`) and return the
-        best of the mended lists: what a stale probe tries before a full refresh."""
-        self.candidate_lists = _same_on_all_ranks(repaired_candidates(decoder_rows, self.candidate_lists))
-        self.repairs += 1
-        self.refresh_metrics["repairs"] = torch.tensor(float(self.repairs))
+    def renew(self, decoder_rows: Rows, missed: Tensor) -> Tensor:
+        """Rebuild the lists most likely stale, and those of the ``missed`` latents (O(renew_share·F²·d), see
+        :func:`~c2r.geometry.renewed_candidates`), and return the best of the lists: what a stale probe tries
+        before a full refresh."""
+        current = CandidateLists(self.candidate_lists, self.candidate_floors)
+        self._keep(
+            renewed_candidates(
+                decoder_rows, current, self.renew_share, also=missed, tile_size=self.tile_size,
+                first_pass_dtype=self._first_pass_dtype(decoder_rows),
+            )
+        )
+        self.renewals += 1
+        self.refresh_metrics["renewals"] = torch.tensor(float(self.renewals))
         return best_candidates(decoder_rows, self.candidate_lists)
 
+    def _keep(self, candidates: CandidateLists) -> None:
+        """Store new lists and floors, rank 0's on every DDP rank."""
+        self.candidate_lists = _same_on_all_ranks(candidates.lists)
+        self.candidate_floors = _same_on_all_ranks(candidates.floors)
+
     @torch.no_grad()
-    def _probe_misses(self, decoder_rows: UnitRows, chosen: Tensor, step: int, stream: str) -> Tensor:
+    def _probe(self, decoder_rows: UnitRows, chosen: Tensor, step: int, stream: str) -> tuple[Tensor, Tensor]:
         """The share of a random sample of latents (drawn from ``stream`` at ``step``: the same sample on every
-        DDP rank) whose chosen neighbour is not the exact one, at O(probe_latents·F·d)."""
+        DDP rank) whose chosen neighbour is not the exact one, and those latents; O(probe_latents·F·d)."""
         count = decoder_rows.unit.shape[0]
         sample = torch.randperm(count, generator=stream_generator(self.seed, stream, step))[: self.probe_latents]
         sample = sample.to(decoder_rows.unit.device)
-        exact = nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size, latents=sample)
-        return _same_on_all_ranks((chosen[sample] != exact).float().mean())
+        missed = chosen[sample] != nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size, latents=sample)
+        return _same_on_all_ranks(missed.float().mean()), sample[missed]
 
     def _too_many(self, misses: Tensor) -> bool:
         """More misses than a quarter of what the target allows (a device->host read)."""
@@ -398,23 +417,26 @@ class C2R(Regularizer):
             self.metrics["steps_since_refresh"] = torch.tensor(float(step - self.refreshed_at))
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"refreshed_at": self.refreshed_at, "refreshes": self.refreshes, "repairs": self.repairs, "calls": self.calls}
+        return {"refreshed_at": self.refreshed_at, "refreshes": self.refreshes, "renewals": self.renewals, "calls": self.calls}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.refreshed_at, self.refreshes, self.calls = state["refreshed_at"], state["refreshes"], state["calls"]
-        self.repairs = state.get("repairs", 0)  # checkpoints from before repairs existed
+        self.renewals = state.get("renewals", 0)  # checkpoints from before renewals existed
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The lists are sized at the first refresh: take the checkpoint's size before loading into them.
         saved = state_dict.get(prefix + "candidate_lists")
         if saved is not None:
+            # Checkpoints from before floors: none known, so a renewal picks arbitrary lists until the next refresh.
+            floors = state_dict.setdefault(prefix + "candidate_floors", torch.full(saved.shape[:1], float("-inf")))
             self.candidate_lists = torch.empty_like(saved, device=self.candidate_lists.device)
+            self.candidate_floors = torch.empty_like(floors, device=self.candidate_floors.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"{self.schedule}, alpha={self.alpha}, "
             f"neighbor_search={self.neighbor_search!r}, candidates={self.candidates}, refresh_every={self.refresh_every}, "
-            f"probe_latents={self.probe_latents}, probe_every={self.probe_every}, target_agreement={self.target_agreement}, chunk_size={self.chunk_size}, tile_size={self.tile_size}, "
+            f"probe_latents={self.probe_latents}, probe_every={self.probe_every}, target_agreement={self.target_agreement}, renew_share={self.renew_share}, chunk_size={self.chunk_size}, tile_size={self.tile_size}, "
             f"seed={self.seed}"
         )
