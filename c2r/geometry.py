@@ -68,26 +68,72 @@ def unit_rows(rows: Rows) -> Tensor:
     return (rows if isinstance(rows, UnitRows) else unit_and_norms(rows)).unit
 
 
-def _tiled_cosines(unit: Tensor, tile_size: int, dtype: torch.dtype | None = None, latents: Tensor | None = None):
-    """Yield ``(start, cosines)`` for each tile of the query latents (``latents``, default all):
-    ``cosines [tile, F]`` against all rows (in ``dtype`` if given), each latent's cosine to itself set to -inf."""
+def _best_of(cosines: Tensor, count: int, dim: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` largest cosines along ``dim`` and their positions, as ``[queries, count]``; with count == 1 the
+    first maximum, so that ties go to the smallest index."""
+    if dim == 0:  # a reduction along contiguous rows is ~2x faster on CPU than down the columns
+        cosines = cosines.T.contiguous()
+    if count == 1:
+        return cosines.max(dim=1, keepdim=True)
+    return cosines.topk(min(count, cosines.shape[1]), dim=1)
+
+
+def _merged(found: list[tuple[Tensor, Tensor]], count: int) -> tuple[Tensor, Tensor]:
+    """The best ``count`` of per-block bests given in column order (count == 1: the first maximum)."""
+    values, columns = torch.cat([v for v, _ in found], dim=1), torch.cat([c for _, c in found], dim=1)
+    pick = values.argmax(dim=1, keepdim=True) if count == 1 else values.topk(count, dim=1).indices
+    return values.gather(1, pick), columns.gather(1, pick)
+
+
+def _best_others(
+    unit: Tensor, count: int, tile_size: int, dtype: torch.dtype | None = None, latents: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The ``count`` (≤ F-1, or 1) largest cosines of each query latent (``latents``, default all) with the *other*
+    rows, and those rows' indices (``[n, count]`` each; in ``dtype`` if given). count == 1 keeps the first maximum
+    (ties to the smallest index); a latent alone (F == 1) gets itself, the sentinel.
+
+    For all latents the cosine matrix is symmetric, so only its upper triangle of ``tile_size`` blocks is computed:
+    block ``U_I·U_Jᵀ`` gives block I its best among J and, transposed, block J its best among I; half the O(F²·d)
+    work of a row-by-row pass, in O(tile_size²) memory. For some latents, ``tile_size`` query rows at a time against
+    all rows (O(tile_size·F) memory).
+    """
     rows = unit if dtype is None else unit.to(dtype)
-    queries = torch.arange(unit.shape[0], device=unit.device) if latents is None else latents
-    for start in range(0, queries.shape[0], tile_size):
-        tile = queries[start : start + tile_size]
-        cosines = rows[tile] @ rows.T
-        cosines[torch.arange(tile.shape[0], device=unit.device), tile] = float("-inf")
-        yield start, cosines
+    total = rows.shape[0]
+    if latents is not None:
+        values, columns = [], []
+        for start in range(0, latents.shape[0], tile_size):
+            tile = latents[start : start + tile_size]
+            cosines = rows[tile] @ rows.T
+            cosines[torch.arange(tile.shape[0], device=unit.device), tile] = float("-inf")
+            best = _best_of(cosines, count, 1)
+            values.append(best[0])
+            columns.append(best[1])
+        return torch.cat(values), torch.cat(columns)
+    starts = range(0, total, tile_size)
+    found: list[list[tuple[Tensor, Tensor]]] = [[] for _ in starts]  # per row block, one best per column block
+    values = torch.empty(total, count, dtype=rows.dtype, device=unit.device)
+    columns = torch.empty(total, count, dtype=torch.long, device=unit.device)
+    for block, start in enumerate(starts):
+        queries = rows[start : start + tile_size]
+        for other, other_start in enumerate(starts[block:], block):
+            cosines = queries @ rows[other_start : other_start + tile_size].T
+            if other == block:
+                cosines.fill_diagonal_(float("-inf"))
+            best = _best_of(cosines, count, 1)
+            found[block].append((best[0], best[1] + other_start))
+            if other != block:  # the transposed block, for the later row block: blocks arrive in column order
+                best = _best_of(cosines, count, 0)
+                found[other].append((best[0], best[1] + start))
+        end = start + queries.shape[0]
+        values[start:end], columns[start:end] = _merged(found[block], count)
+        found[block] = []
+    return values, columns
 
 
 def _argmax_other(unit: Tensor, tile_size: int, latents: Tensor | None = None) -> Tensor:
-    """Index of the most similar *other* row of each query latent. ``argmax`` returns the first maximum of the
-    whole row, so ties go to the smallest index; with a single row the self entry (-inf) wins: the sentinel."""
-    count = unit.shape[0] if latents is None else latents.shape[0]
-    neighbors = torch.empty(count, dtype=torch.long, device=unit.device)
-    for start, cosines in _tiled_cosines(unit, tile_size, latents=latents):
-        neighbors[start : start + cosines.shape[0]] = cosines.argmax(dim=1)
-    return neighbors
+    """Index of the most similar *other* row of each query latent; ties go to the smallest index; with a single row
+    the self entry wins: the sentinel."""
+    return _best_others(unit, 1, tile_size, latents=latents)[1][:, 0]
 
 
 @torch.no_grad()
@@ -201,12 +247,10 @@ def top_candidates(
     count = min(count, total - 1)
     kept = min(count + 1, total - 1)  # one more than listed: the best latent left out gives the floor
     pool = kept if first_pass_dtype is None else min(total - 1, max(pool or 2 * count, kept))
+    if kept == 0:  # a single latent: nothing to list
+        return CandidateLists(torch.empty(queries, 0, dtype=torch.long, device=unit.device), unit.new_full((queries,), float("-inf")))
     with full_precision(unit):
-        indices = torch.empty(queries, pool, dtype=torch.long, device=unit.device)
-        cosines = torch.empty(queries, pool, dtype=unit.dtype, device=unit.device)
-        for start, tile in _tiled_cosines(unit, tile_size, first_pass_dtype, latents):
-            best = tile.topk(pool, dim=1)
-            indices[start : start + tile.shape[0]], cosines[start : start + tile.shape[0]] = best.indices, best.values
+        cosines, indices = _best_others(unit, pool, tile_size, first_pass_dtype, latents)
         if first_pass_dtype is not None:  # re-rank the low-precision pool by full-precision cosines
             indices = indices.sort(dim=1).values
             best = _candidate_cosines(unit, indices, latents).topk(kept, dim=1)
