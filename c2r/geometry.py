@@ -12,7 +12,6 @@ or alone in its chunk) gets itself as the sentinel ``j(i) = i``, which the losse
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import NamedTuple
 
@@ -259,51 +258,25 @@ def top_candidates(
     return CandidateLists(indices[:, :count].sort(dim=1).values, floors)
 
 
+class BestListed(NamedTuple):
+    """Each latent's best listed latent by the current cosines (``neighbors`` long) and that cosine (``cosines``)."""
+
+    neighbors: Tensor
+    cosines: Tensor
+
+
 @torch.no_grad()
-def best_candidates(decoder_rows: Rows, candidates: Tensor) -> Tensor:
-    """``j(i)`` = the candidate of latent i with the highest *current* cosine (``[F]`` long), in O(F·m·d).
+def best_candidates(decoder_rows: Rows, candidates: Tensor, latents: Tensor | None = None) -> BestListed:
+    """``j(i)`` = the candidate of latent i (``latents``, default all; row r of ``candidates`` listing latent
+    ``latents[r]``'s) with the highest *current* cosine, and that cosine, in O(n·m·d).
 
     Equals the exact global argmax whenever the true nearest neighbour is among the candidates. Latents
-    without candidates (F == 1) get the sentinel ``j(i) = i``.
+    without candidates (F == 1) get the sentinel ``j(i) = i`` and cosine -inf.
     """
+    unit = unit_rows(decoder_rows)
     if candidates.shape[1] == 0:
-        return torch.arange(candidates.shape[0], device=candidates.device)
-    unit = unit_rows(decoder_rows)
+        queries = torch.arange(candidates.shape[0], device=candidates.device) if latents is None else latents
+        return BestListed(queries, unit.new_full(queries.shape, float("-inf")))
     with full_precision(unit):
-        cosines = _candidate_cosines(unit, candidates)
-    return candidates.gather(1, cosines.argmax(dim=1, keepdim=True)).squeeze(1)
-
-
-@torch.no_grad()
-def renewed_candidates(
-    decoder_rows: Rows,
-    current: CandidateLists,
-    share: float,
-    *,
-    also: Tensor | None = None,
-    tile_size: int = 4096,
-    first_pass_dtype: torch.dtype | None = None,
-) -> CandidateLists:
-    """New lists, by an exact search, for the ``share`` of latents whose lists are most likely stale (and for the
-    latents ``also``, e.g. the ones a probe caught); every other list is kept. O(share·F²·d) instead of a
-    refresh's O(F²·d).
-
-    A list goes stale when a latent left out of it overtakes the best listed one. The lead of latent i, the
-    current cosine of its best listed latent minus its floor (the best left-out cosine when the list was made),
-    is how far the outsiders must climb for that: C²R pushes each chosen pair apart, so the leads shrink, and the
-    smallest leads hold most of the stale lists (SmolLM2, 4,096 latents, lists aged 60 steps at lr 1e-3: the
-    tenth of latents with the smallest leads held 62% of the wrong pairs, the fifth 82%, a random fifth 22%).
-    """
-    count, listed = current.lists.shape
-    if listed == 0:
-        return current
-    unit = unit_rows(decoder_rows)
-    with full_precision(unit):
-        leads = _candidate_cosines(unit, current.lists).max(dim=1).values - current.floors
-    at_risk = leads.topk(min(count, math.ceil(share * count)), largest=False).indices
-    if also is not None:
-        at_risk = torch.cat([at_risk, also]).unique()
-    fresh = top_candidates(unit, listed, tile_size=tile_size, first_pass_dtype=first_pass_dtype, latents=at_risk)
-    lists, floors = current.lists.clone(), current.floors.clone()
-    lists[at_risk], floors[at_risk] = fresh.lists, fresh.floors
-    return CandidateLists(lists, floors)
+        best = _candidate_cosines(unit, candidates, latents).max(dim=1, keepdim=True)
+    return BestListed(candidates.gather(1, best.indices).squeeze(1), best.values.squeeze(1))

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from c2r import geometry
-from c2r.geometry import CandidateLists, best_candidates, nearest_neighbors_exact, renewed_candidates, top_candidates
+from c2r.geometry import best_candidates, nearest_neighbors_exact, top_candidates
 from c2r.regularizers import C2R, c2r_loss
 from c2r.regularizers.c2r import pair_loss
 from c2r.sae import TopKSAE
@@ -59,7 +59,7 @@ def test_more_candidates_than_other_latents_keeps_all_others_and_one_latent_has_
     assert torch.isinf(every_other.floors).all()  # nothing was left out
     alone = top_candidates(rows[:1], 16)
     assert alone.lists.shape == (1, 0)
-    assert best_candidates(rows[:1], alone.lists).tolist() == [0]  # the "no neighbour" sentinel
+    assert best_candidates(rows[:1], alone.lists).neighbors.tolist() == [0]  # the "no neighbour" sentinel
 
 
 def test_candidate_argmax_equals_the_exact_argmax_when_the_true_neighbour_is_in_the_list(monkeypatch):
@@ -68,7 +68,7 @@ def test_candidate_argmax_equals_the_exact_argmax_when_the_true_neighbour_is_in_
     lists = top_candidates(rows, 4).lists
     moved = rows + 0.5 * random_rows(300, 8, seed=3)  # training moved the decoder since the lists were made
     exact = nearest_neighbors_exact(moved)
-    chosen = best_candidates(moved, lists)
+    chosen = best_candidates(moved, lists).neighbors
     held = (lists == exact[:, None]).any(dim=1)
     assert 0.2 < held.float().mean() < 0.95  # both cases occur, so the test has teeth
     assert torch.equal(chosen[held], exact[held])
@@ -81,7 +81,7 @@ def test_candidate_argmax_equals_the_exact_argmax_when_the_true_neighbour_is_in_
 def test_ties_among_candidates_go_to_the_smallest_index_like_the_exact_search():
     rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]])  # rows 1 and 2 tie for row 0 and row 3
     lists = top_candidates(rows, 3).lists
-    assert torch.equal(best_candidates(rows, lists), nearest_neighbors_exact(rows))
+    assert torch.equal(best_candidates(rows, lists).neighbors, nearest_neighbors_exact(rows))
 
 
 def test_a_low_precision_first_pass_re_ranked_in_fp32_gives_the_fp32_argmax():
@@ -93,43 +93,69 @@ def test_a_low_precision_first_pass_re_ranked_in_fp32_gives_the_fp32_argmax():
 
     lists = top_candidates(rows, 4, first_pass_dtype=torch.bfloat16)
     fp32 = top_candidates(rows, 4)
-    assert torch.equal(best_candidates(rows, lists.lists), exact)
+    assert torch.equal(best_candidates(rows, lists.lists).neighbors, exact)
     assert torch.equal(lists.lists, fp32.lists)  # the re-ranked lists are the fp32 lists, and so are the floors
     torch.testing.assert_close(lists.floors, fp32.floors)
     regularizer = C2R(coef=1, interval=1, candidates=4, refresh_precision="bfloat16")
     assert torch.equal(regularizer.neighbors(rows, 0), exact)
 
 
-def test_a_renewal_rebuilds_the_lists_with_the_smallest_leads_and_the_named_ones_and_keeps_the_rest():
-    rows = random_rows(120, 6, seed=20)
-    old = top_candidates(rows, 3)
-    moved = rows + 0.3 * random_rows(120, 6, seed=21)
-    got = renewed_candidates(moved, old, 0.1, also=torch.tensor([7, 7]))
-
-    unit = torch.nn.functional.normalize(moved.double(), dim=1)
-    best_listed = torch.stack([max(unit[i] @ unit[j] for j in old.lists[i]) for i in range(120)])
-    leads = best_listed - old.floors.double()
-    renewed = set(leads.argsort()[:12].tolist()) | {7}
-    want_lists, want_floors = naive_top_candidates(moved, 3)
-    for i in range(120):
-        want = (want_lists[i], want_floors[i]) if i in renewed else (old.lists[i], old.floors[i].double())
-        assert torch.equal(got.lists[i], want[0]), i
-        torch.testing.assert_close(got.floors[i].double(), want[1])
-    assert not torch.equal(got.lists, old.lists)  # the move changed some renewed lists, so the test has teeth
-
-
 def test_the_smallest_leads_hold_the_stale_lists():
-    """The renewal's premise on a moved decoder: the eighth of latents with the smallest leads holds most of the
-    latents whose exact neighbour left their list, far more than an eighth."""
+    """What the renewals rest on, on a moved decoder: the eighth of latents whose best listed latent leads their
+    list's floor by the least holds most of the latents whose exact neighbour left their list."""
     rows = random_rows(2000, 16, seed=22)
     old = top_candidates(rows, 8)
     moved = rows + 0.15 * random_rows(2000, 16, seed=23)
     stale = (old.lists != nearest_neighbors_exact(moved)[:, None]).all(dim=1)
-    renewed = renewed_candidates(moved, old, 0.125)
-    changed = (renewed.lists != old.lists).any(dim=1) | (renewed.floors != old.floors)
-    assert changed.sum() <= 250
-    assert stale.sum() >= 20 and (stale & changed).sum() >= 0.5 * stale.sum()
-    assert (best_candidates(moved, renewed.lists) != nearest_neighbors_exact(moved)).sum() <= 0.5 * stale.sum()
+    leads = best_candidates(moved, old.lists).cosines - old.floors
+    smallest = torch.zeros(2000, dtype=torch.bool)
+    smallest[leads.argsort()[:250]] = True
+    assert stale.sum() >= 20 and (stale & smallest).sum() >= 0.5 * stale.sum()
+
+
+def naive_leads(rows, lists, floors):
+    unit = torch.nn.functional.normalize(rows.double(), dim=1)
+    return torch.stack([max(unit[i] @ unit[j] for j in listed) for i, listed in enumerate(lists)]) - floors.double()
+
+
+def assert_renewed_exactly(regularizer, moved, old, renewed):
+    """The lists (and floors) of the ``renewed`` latents are the exact ones of ``moved``; every other is ``old``'s."""
+    want_lists, want_floors = naive_top_candidates(moved, old.lists.shape[1])
+    for i in range(moved.shape[0]):
+        want = (want_lists[i], want_floors[i]) if i in renewed else (old.lists[i], old.floors[i].double())
+        assert torch.equal(regularizer.candidate_lists[i], want[0]), i
+        torch.testing.assert_close(regularizer.candidate_floors[i].double(), want[1])
+
+
+def test_each_probe_renews_the_lists_of_the_probed_latents():
+    rows = random_rows(120, 6, seed=20)
+    regularizer = C2R(coef=1, interval=1, candidates=3, refresh_every=1000, probe_latents=10,
+                      target_agreement=0.01)  # tolerate any miss: no renewal beyond the probe's
+    regularizer.neighbors(rows, 0)
+    old = top_candidates(rows, 3)
+    moved = rows + 0.3 * random_rows(120, 6, seed=21)
+    regularizer.neighbors(moved, 1)
+    assert regularizer.renewals == 0 and regularizer.refreshes == 1
+    probed = set(regularizer._sample(1, "c2r.probe").tolist())
+    assert len(probed) == 10
+    assert_renewed_exactly(regularizer, moved, old, probed)
+    assert not torch.equal(regularizer.candidate_lists, old.lists)  # the move changed renewed lists: the test has teeth
+
+
+def test_a_stale_probe_renews_the_renew_share_with_the_smallest_leads():
+    rows = random_rows(160, 6, seed=24)
+    regularizer = C2R(coef=1, interval=1, candidates=3, refresh_every=1000, probe_latents=8, renew_share=0.25)
+    regularizer.neighbors(rows, 0)
+    old = top_candidates(rows, 3)
+    moved = rows + 0.15 * random_rows(160, 6, seed=25)
+    leads = naive_leads(moved, old.lists, old.floors)
+    probed = set(regularizer._sample(1, "c2r.probe").tolist())
+    leads[list(probed)] = float("inf")  # renewed by the probe already
+    smallest = set(leads.argsort()[:40].tolist())
+    second = set(regularizer._sample(1, "c2r.renewal_probe").tolist())
+    regularizer.neighbors(moved, 1)
+    assert regularizer.renewals == 1 and regularizer.refreshes == 1  # the second probe found no more misses
+    assert_renewed_exactly(regularizer, moved, old, probed | smallest | second)
 
 
 def half_circle(count, seed):
@@ -150,9 +176,9 @@ def test_candidates_equal_exact_right_after_a_refresh_and_re_rank_the_old_lists_
     assert torch.equal(regularizer.candidate_lists, lists_at_0)
 
     moved = rows + 0.8 * random_rows(24, 8, seed=6).double()
-    assert not torch.equal(best_candidates(moved, lists_at_0), nearest_neighbors_exact(moved))  # stale lists miss some
+    assert not torch.equal(best_candidates(moved, lists_at_0).neighbors, nearest_neighbors_exact(moved))  # stale lists miss some
     for step in (1, 2):  # between refreshes: the best of the step-0 lists by today's cosines
-        listed = lambda a, w: pair_loss(a, w, best_candidates(moved, lists_at_0))  # noqa: E731
+        listed = lambda a, w: pair_loss(a, w, best_candidates(moved, lists_at_0).neighbors)  # noqa: E731
         for got, want in zip(loss_and_grads(lambda a, w: regularizer(a, w, step), acts, moved), loss_and_grads(listed, acts, moved)):
             torch.testing.assert_close(got, want)
     for got, want in zip(loss_and_grads(lambda a, w: regularizer(a, w, 3), acts, moved), loss_and_grads(exact, acts, moved)):
@@ -188,7 +214,7 @@ def test_the_probe_refreshes_stale_lists_as_soon_as_it_finds_misses():
     assert regularizer.refreshes == 1 and regularizer.metrics["probe_agreement"].item() == 1.0
 
     moved = rows + 0.5 * random_rows(400, 8, seed=14)
-    stale = best_candidates(moved, regularizer.candidate_lists)
+    stale = best_candidates(moved, regularizer.candidate_lists).neighbors
     assert (stale != nearest_neighbors_exact(moved)).float().mean() > 0.05
     neighbors = regularizer.neighbors(moved, 2)
     # The probe saw misses, the renewal could not remove them all: refreshed now.
@@ -205,7 +231,7 @@ def test_a_stale_probe_first_renews_the_lists_and_refreshes_only_if_misses_remai
     jump = 0.6 * angles[20] + 0.4 * angles[21]  # latent 19 jumps over latent 20: a neighbour of a neighbour
     moved[19] = torch.stack([jump.cos(), jump.sin()])
     exact = nearest_neighbors_exact(moved)
-    assert (best_candidates(moved, regularizer.candidate_lists) != exact).sum() == 1  # latent 21's is stale
+    assert (best_candidates(moved, regularizer.candidate_lists).neighbors != exact).sum() == 1  # latent 21's is stale
     assert torch.equal(regularizer.neighbors(moved, 1), exact)
     assert (regularizer.refreshes, regularizer.renewals) == (1, 1)  # the renewal was enough: no O(F²) refresh
     assert regularizer.probe_metrics["probe_agreement"].item() == pytest.approx(59 / 60)  # before the renewal
@@ -233,7 +259,7 @@ def test_the_probe_tolerates_misses_below_a_quarter_of_the_target():
     regularizer = C2R(coef=1, interval=1, candidates=2, refresh_every=1000, probe_latents=400, target_agreement=0.5)
     regularizer.neighbors(rows, 0)
     moved = rows + 0.05 * random_rows(400, 8, seed=14)
-    misses = (best_candidates(moved, regularizer.candidate_lists) != nearest_neighbors_exact(moved)).float().mean()
+    misses = (best_candidates(moved, regularizer.candidate_lists).neighbors != nearest_neighbors_exact(moved)).float().mean()
     assert 0 < misses < (1 - 0.5) / 4
     regularizer.neighbors(moved, 1)
     assert regularizer.refreshes == 1
@@ -259,7 +285,7 @@ def test_audit_reports_agreement_and_loss_ratio_against_the_exact_search():
     regularizer(acts, moved, 1)
     assert "exact_agreement" not in regularizer.metrics  # every 2nd call only
     regularizer(acts, moved, 2)
-    chosen, exact = best_candidates(moved, regularizer.candidate_lists), nearest_neighbors_exact(moved)
+    chosen, exact = best_candidates(moved, regularizer.candidate_lists).neighbors, nearest_neighbors_exact(moved)
     assert regularizer.metrics["exact_agreement"].item() == pytest.approx((chosen == exact).float().mean().item())
     ratio = pair_loss(acts, moved, chosen) / pair_loss(acts, moved, exact)
     assert 0 < ratio < 1  # the stale lists miss neighbours here

@@ -21,6 +21,7 @@ autocast disabled in at least fp32 (bf16/fp16 inputs are upcast; fp64 stays fp64
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -37,8 +38,6 @@ from c2r.geometry import (
     full_precision,
     nearest_neighbors_chunked,
     nearest_neighbors_exact,
-    CandidateLists,
-    renewed_candidates,
     top_candidates,
     unit_and_norms,
 )
@@ -222,13 +221,13 @@ class C2R(Regularizer):
       latents; on every C²R step ``j(i)`` is the argmax of the *current* fp32 cosines over latent i's list
       (O(F·m·d), no O(F²) work). That is the exact ``j(i)`` whenever the true neighbour is in the list. C²R pushes
       the listed pairs apart, so lists go stale at a rate set by coef, learning rate and phase of training; a
-      probe keeps them exact: on every ``probe_every``-th C²R step the exact neighbours of ``probe_latents``
-      random latents are computed (O(probe_latents·F·d)), and as soon as the probe's share of latents whose chosen
-      neighbour is not the exact one exceeds a quarter of ``1 - target_agreement`` the lists of the ``renew_share``
-      of latents most likely stale are rebuilt exactly (O(renew_share·F²·d), see
-      :func:`~c2r.geometry.renewed_candidates`) and, if a second probe still finds misses, all lists are
-      refreshed; they are refreshed at least every ``refresh_every`` steps. ``refresh_precision``: the refresh's first pass runs in bf16 on CUDA
-      (``auto``) and its pool of ``2·candidates`` is re-ranked in fp32.
+      probe keeps them exact: on every ``probe_every``-th C²R step the lists of ``probe_latents`` random latents are
+      rebuilt by an exact search of their rows (O(probe_latents·F·d)), which also tells the share of them whose
+      chosen neighbour was not the exact one; as soon as that share exceeds a quarter of ``1 - target_agreement``
+      the lists of the ``renew_share`` of latents most likely stale (the smallest leads, see :meth:`_renew`) are
+      rebuilt too (O(renew_share·F²·d)) and, if a second probe still finds misses, all lists are refreshed; they
+      are refreshed at least every ``refresh_every`` steps. ``refresh_precision``: the refresh's first pass runs
+      in bf16 on CUDA (``auto``) and its pool of ``2·candidates`` is re-ranked in fp32.
     - ``"exact"``: the global argmax over all F latents at every call (tiled; O(F²·d) per call): the reference.
     - ``"chunked"``: the paper's; the permutation at a step is drawn from a generator seeded from
       ``(seed, step)``, so every DDP rank draws the same chunks at the same step and a resumed run repeats them.
@@ -318,13 +317,17 @@ class C2R(Regularizer):
         if self.neighbor_search == "candidates":
             if self.candidate_lists.shape[0] != decoder_rows.unit.shape[0] or step - self.refreshed_at >= self.refresh_every:
                 return _same_on_all_ranks(self.refresh(decoder_rows, step))
-            chosen = best_candidates(decoder_rows, self.candidate_lists)
+            best = best_candidates(decoder_rows, self.candidate_lists)
+            chosen = best.neighbors
             if self.probe_latents and self.calls % self.probe_every == 0:
-                misses, missed = self._probe(decoder_rows, chosen, step, PROBE_STREAM)
+                leads = best.cosines - self.candidate_floors
+                misses = self._renew(decoder_rows, chosen, leads, self._sample(step, PROBE_STREAM))
                 self.probe_metrics = {"probe_agreement": 1 - misses}
                 if self._too_many(misses):
-                    chosen = self.renew(decoder_rows, missed)
-                    if self._too_many(self._probe(decoder_rows, chosen, step, RENEWAL_PROBE_STREAM)[0]):
+                    self._renew(decoder_rows, chosen, leads, chosen.new_empty(0), math.ceil(self.renew_share * chosen.shape[0]))
+                    self.renewals += 1
+                    self.refresh_metrics["renewals"] = torch.tensor(float(self.renewals))
+                    if self._too_many(self._renew(decoder_rows, chosen, leads, self._sample(step, RENEWAL_PROBE_STREAM))):
                         chosen = self.refresh(decoder_rows, step)
             return _same_on_all_ranks(chosen)
         generator = stream_generator(self.seed, "c2r.chunks", step) if self.neighbor_search == "chunked" else None
@@ -342,8 +345,9 @@ class C2R(Regularizer):
             decoder_rows, self.candidates, tile_size=self.tile_size, first_pass_dtype=self._first_pass_dtype(decoder_rows)
         )
         old = self.candidate_lists
-        self._keep(fresh)
-        exact = best_candidates(decoder_rows, self.candidate_lists)
+        self.candidate_lists = _same_on_all_ranks(fresh.lists)
+        self.candidate_floors = _same_on_all_ranks(fresh.floors)
+        exact = best_candidates(decoder_rows, self.candidate_lists).neighbors
         if old.shape == self.candidate_lists.shape and old.shape[1] > 0:
             self.refresh_metrics["candidate_recall"] = (old == exact[:, None]).any(dim=1).float().mean()
         self.refreshed_at = step
@@ -352,35 +356,36 @@ class C2R(Regularizer):
         return exact
 
     @torch.no_grad()
-    def renew(self, decoder_rows: Rows, missed: Tensor) -> Tensor:
-        """Rebuild the lists most likely stale, and those of the ``missed`` latents (O(renew_share·F²·d), see
-        :func:`~c2r.geometry.renewed_candidates`), and return the best of the lists: what a stale probe tries
-        before a full refresh."""
-        current = CandidateLists(self.candidate_lists, self.candidate_floors)
-        self._keep(
-            renewed_candidates(
-                decoder_rows, current, self.renew_share, also=missed, tile_size=self.tile_size,
-                first_pass_dtype=self._first_pass_dtype(decoder_rows),
-            )
+    def _renew(
+        self, decoder_rows: UnitRows, chosen: Tensor, leads: Tensor, sample: Tensor, at_risk: int = 0
+    ) -> Tensor:
+        """Rebuild, by an exact search of their rows (O(n·F·d)), the lists of the ``sample`` latents and of the
+        ``at_risk`` latents with the smallest ``leads``; set their ``chosen`` neighbours to the exact ones, their
+        leads to +inf (fresh), and return the share of the sample whose chosen neighbour was not the exact one.
+
+        A list goes stale when a latent left out of it overtakes the best listed one. Its lead, the current cosine of
+        the best listed latent minus the floor (the best left-out cosine when the list was made), is how far the
+        outsiders must climb for that: C²R pushes each chosen pair apart, so leads shrink, and the smallest leads
+        hold most of the stale lists (docs/design.md §1).
+        """
+        rows = torch.cat([sample, leads.topk(min(at_risk, leads.shape[0]), largest=False).indices])
+        rows = _same_on_all_ranks(rows)
+        fresh = top_candidates(
+            decoder_rows, self.candidates, tile_size=self.tile_size, first_pass_dtype=self._first_pass_dtype(decoder_rows),
+            latents=rows,
         )
-        self.renewals += 1
-        self.refresh_metrics["renewals"] = torch.tensor(float(self.renewals))
-        return best_candidates(decoder_rows, self.candidate_lists)
+        lists, floors = _same_on_all_ranks(fresh.lists), _same_on_all_ranks(fresh.floors)
+        exact = best_candidates(decoder_rows, lists, latents=rows).neighbors
+        misses = (chosen[sample] != exact[: sample.shape[0]]).float().mean() if sample.numel() else leads.new_zeros(())
+        self.candidate_lists[rows], self.candidate_floors[rows] = lists, floors
+        chosen[rows], leads[rows] = exact, float("inf")
+        return _same_on_all_ranks(misses)
 
-    def _keep(self, candidates: CandidateLists) -> None:
-        """Store new lists and floors, rank 0's on every DDP rank."""
-        self.candidate_lists = _same_on_all_ranks(candidates.lists)
-        self.candidate_floors = _same_on_all_ranks(candidates.floors)
-
-    @torch.no_grad()
-    def _probe(self, decoder_rows: UnitRows, chosen: Tensor, step: int, stream: str) -> tuple[Tensor, Tensor]:
-        """The share of a random sample of latents (drawn from ``stream`` at ``step``: the same sample on every
-        DDP rank) whose chosen neighbour is not the exact one, and those latents; O(probe_latents·F·d)."""
-        count = decoder_rows.unit.shape[0]
+    def _sample(self, step: int, stream: str) -> Tensor:
+        """``probe_latents`` random latents, drawn from ``stream`` at ``step``: the same sample on every DDP rank."""
+        count = self.candidate_lists.shape[0]
         sample = torch.randperm(count, generator=stream_generator(self.seed, stream, step))[: self.probe_latents]
-        sample = sample.to(decoder_rows.unit.device)
-        missed = chosen[sample] != nearest_neighbors_exact(decoder_rows, tile_size=self.tile_size, latents=sample)
-        return _same_on_all_ranks(missed.float().mean()), sample[missed]
+        return sample.to(self.candidate_lists.device)
 
     def _too_many(self, misses: Tensor) -> bool:
         """More misses than a quarter of what the target allows (a device->host read)."""
