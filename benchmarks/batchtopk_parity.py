@@ -45,14 +45,13 @@ from c2r.sae import SparseAutoencoder
 from c2r.step import adam, train_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parity_common import batch_order, ground_truth_features, inference_metrics, load_rows  # noqa: E402
+from parity_common import SMOLLM2, batch_order, ground_truth_features, inference_metrics, load_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 SAELENS_PYTHON = Path("/work/venvs/saelens/bin/python")
 HIERARCHY = dict(d=64, n_parents=64, children_per_parent=4, n_independent=192, l0=6.0, rows=1 << 20,
                  rows_per_shard=16384, val_shards=2, seed=0)
-SMOLLM2 = "activations/smollm2-135m_blocks.5.hook_resid_post_d53c4fdb8b30c1eb"
 SETTINGS = {
     "hierarchy": dict(dict_size=512, k=4, batch_size=1024, steps=3000, lr=1e-3),
     "smollm2": dict(dict_size=1024, k=8, batch_size=2048, steps=256, lr=1e-3),  # c2r.train's SmolLM2 default

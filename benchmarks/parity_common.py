@@ -15,6 +15,10 @@ import torch
 from torch import Tensor
 
 
+SMOLLM2 = "activations/smollm2-135m_blocks.5.hook_resid_post_d53c4fdb8b30c1eb"
+"""The SmolLM2 default's shards under the cache folder (``python -m c2r.train`` harvests them on first use)."""
+
+
 def load_rows(shard_dir: str | Path, split: str) -> Tensor:
     """Every row of ``split`` ("train" or "val"), in shard order, normalised (float32)."""
     shard_dir = Path(shard_dir)

@@ -9,7 +9,7 @@ step), which keeps the streams apart from each other and from any plain draw.
 Streams: ``sae.init`` (decoder and tied encoder), ``data.order`` (block order per epoch), ``data.stream`` (the order
 within each shuffle window of a streamed run, per rank and window), ``synthetic.features``
 and ``synthetic.rows`` (generated data, per shard), ``c2r.chunks`` and ``ortho.chunks`` (random chunks per step),
-``c2r.probe`` and ``c2r.repair_probe`` (the latents C²R probes per step).
+``c2r.probe`` and ``c2r.renewal_probe`` (the latents C²R probes per step).
 """
 
 from __future__ import annotations
