@@ -310,6 +310,19 @@ def test_candidate_state_survives_a_checkpoint():
     assert (restored.refreshes, restored.renewals) == (trained.refreshes, trained.renewals) == (1, 1)  # renewed at step 9
 
 
+def test_a_checkpoint_from_before_floors_loads_with_unknown_floors_and_keeps_training():
+    rows, acts = random_rows(40, 4, seed=30), torch.ones(3, 40)
+    trained = C2R(candidates=3, refresh_every=50)
+    trained(acts, rows, 0)
+    state = {name: value for name, value in trained.state_dict().items() if name != "candidate_floors"}
+    restored = C2R(candidates=3, refresh_every=50)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.candidate_lists, trained.candidate_lists)
+    assert torch.isinf(restored.candidate_floors).all() and restored.candidate_floors.shape == (40,)
+    moved = rows + 0.5 * random_rows(40, 4, seed=31)
+    assert torch.equal(restored.neighbors(moved, 1), trained.neighbors(moved, 1))  # the probe renews both alike
+
+
 # ---------------------------------------------------------------- in a real training run
 def c2r_audit_rows(compose_train, *overrides):
     from c2r.train import train
