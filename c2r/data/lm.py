@@ -17,12 +17,14 @@ Model names:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +180,21 @@ def _boot_from_hub(name: str, device: torch.device, dtype: torch.dtype, revision
         ) from err
 
 
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """Without transformers' "Loading weights" progress bar: a second of a local file, nothing to act on."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
+@_no_loading_bar()
 def _load_smollm2(cache_dir: str | Path | None) -> tuple[torch.nn.Module, Any]:
     """SmolLM2-135M from the GGUF file, dequantised to float32; via the safetensors copy once it exists."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
