@@ -230,7 +230,8 @@ def top_candidates(
     """The ``count`` most similar other latents of each query latent (``latents``, default all; lists
     ``[n, min(count, F-1)]``), sorted by index, with their floors (:class:`CandidateLists`).
 
-    The only O(n·F·d) work: one tiled pass over the query rows of the cosine matrix. With ``first_pass_dtype``
+    The only O(n·F·d) work: one tiled pass over the query rows of the cosine matrix (for all latents its upper
+    triangle, see :func:`_best_others`). With ``first_pass_dtype``
     (e.g. bf16 on a GPU, ~8× faster than fp32 there) that pass keeps a larger ``pool`` (default ``2·count``) of
     candidates by the low-precision cosines, which are then re-ranked by their full-precision cosines; the list
     equals the full-precision top ``count`` whenever those are inside the low-precision pool, and the floor is the

@@ -29,6 +29,7 @@ import torch.distributed.nn.functional as distributed_functional
 from torch import Tensor
 
 from c2r.geometry import (
+    BestListed,
     Rows,
     UnitRows,
     at_least_fp32,
@@ -320,15 +321,7 @@ class C2R(Regularizer):
             best = best_candidates(decoder_rows, self.candidate_lists)
             chosen = best.neighbors
             if self.probe_latents and self.calls % self.probe_every == 0:
-                leads = best.cosines - self.candidate_floors
-                misses = self._renew(decoder_rows, chosen, leads, self._sample(step, PROBE_STREAM))
-                self.probe_metrics = {"probe_agreement": 1 - misses}
-                if self._too_many(misses):
-                    self._renew(decoder_rows, chosen, leads, chosen.new_empty(0), math.ceil(self.renew_share * chosen.shape[0]))
-                    self.renewals += 1
-                    self.refresh_metrics["renewals"] = torch.tensor(float(self.renewals))
-                    if self._too_many(self._renew(decoder_rows, chosen, leads, self._sample(step, RENEWAL_PROBE_STREAM))):
-                        chosen = self.refresh(decoder_rows, step)
+                chosen = self._probe(decoder_rows, best, step)
             return _same_on_all_ranks(chosen)
         generator = stream_generator(self.seed, "c2r.chunks", step) if self.neighbor_search == "chunked" else None
         return _same_on_all_ranks(
@@ -354,6 +347,23 @@ class C2R(Regularizer):
         self.refreshes += 1
         self.refresh_metrics["refreshes"] = torch.tensor(float(self.refreshes))
         return exact
+
+    @torch.no_grad()
+    def _probe(self, decoder_rows: UnitRows, best: BestListed, step: int) -> Tensor:
+        """The probe and what it asks for; returns the chosen neighbours after it. The probed lists are rebuilt
+        (a rolling refresh); when too many probed latents were wrong, the ``renew_share`` with the smallest leads
+        are rebuilt as well and a second probe decides whether all lists must be refreshed."""
+        chosen, leads = best.neighbors, best.cosines - self.candidate_floors
+        misses = self._renew(decoder_rows, chosen, leads, self._sample(step, PROBE_STREAM))
+        self.probe_metrics = {"probe_agreement": 1 - misses}
+        if not self._too_many(misses):
+            return chosen
+        self._renew(decoder_rows, chosen, leads, chosen.new_empty(0), math.ceil(self.renew_share * chosen.shape[0]))
+        self.renewals += 1
+        self.refresh_metrics["renewals"] = torch.tensor(float(self.renewals))
+        if self._too_many(self._renew(decoder_rows, chosen, leads, self._sample(step, RENEWAL_PROBE_STREAM))):
+            return self.refresh(decoder_rows, step)
+        return chosen
 
     @torch.no_grad()
     def _renew(
