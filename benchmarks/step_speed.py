@@ -31,6 +31,7 @@ import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -123,18 +124,33 @@ def summarise(times: dict, replies: dict, batch: int) -> dict[tuple[str, str], d
     return results
 
 
-END_TO_END_STEPS = {"topk": 30, "topk + C²R": 110}
-"""Steps of each ``python -m c2r.train`` run: with C²R, past one forced refresh of the candidate lists (every 100
-steps), so the rate pays for it as training does."""
+class EndToEnd(NamedTuple):
+    """One timed ``python -m c2r.train`` run: with C²R every step or not, its steps, and its warm-up (None: the
+    default schedule, warm-up then constant then decay)."""
+
+    c2r: bool
+    steps: int
+    warmup_steps: int | None
 
 
-def end_to_end(args: argparse.Namespace, with_c2r: bool) -> float:
+END_TO_END = {
+    "topk": EndToEnd(c2r=False, steps=30, warmup_steps=1),
+    # C²R's lists age fastest at a high learning rate on a fresh decoder: lr 1e-3 from step 1 is its worst case.
+    "topk + C²R, lr 1e-3 from step 1": EndToEnd(c2r=True, steps=110, warmup_steps=1),
+    # The default run (train_tokens at batch 2048): warm-up over 100 steps, constant, decay over the last 20%.
+    "topk + C²R, default schedule": EndToEnd(c2r=True, steps=256, warmup_steps=None),
+}
+"""The timed runs. With C²R they run past a forced refresh of the candidate lists (every 100 steps), so the rate
+pays for it as training does; the plain rate does not depend on the learning rate."""
+
+
+def end_to_end(args: argparse.Namespace, run: EndToEnd) -> float:
     """``python -m c2r.train`` (TopK, CSV logger, no evaluation): tokens/s over every logging interval but the
     first (start-up, and C²R's first refresh), as the harmonic mean of the logged ``details/tokens_per_second``
     (the intervals hold equal token counts, so this is total tokens / total time). At d=576 it trains on the
     SmolLM2 default's activations (harvested on first use, ~3.5 min), so C²R's lists age as in real training;
     other widths on synthetic rows generated for the run."""
-    steps = END_TO_END_STEPS["topk + C²R" if with_c2r else "topk"]
+    steps = run.steps
     with tempfile.TemporaryDirectory() as run_dir:
         data = ["data=smollm2"] if args.d == 576 else [
             "data=synthetic", f"data.d_in={args.d}", f"data.source.rows={(steps + 8) * args.batch}",
@@ -144,9 +160,10 @@ def end_to_end(args: argparse.Namespace, with_c2r: bool) -> float:
             sys.executable, "-m", "c2r.train", *data, "logger=csv", "evaluation=none",
             f"hardware={'cpu' if args.device == 'cpu' else 'gpu'}", f"dict_size={args.dict_size}",
             f"model.k={args.k}", f"batch_size={args.batch}", f"train_tokens={steps * args.batch}",
-            "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1", "optim.warmup_steps=1",
+            "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1",
+            *([] if run.warmup_steps is None else [f"optim.warmup_steps={run.warmup_steps}"]),
             f"hydra.run.dir={run_dir}",
-            *(["regularizer=c2r", "regularizer.interval=1", "regularizer.coef=0.03"] if with_c2r else []),
+            *(["regularizer=c2r", "regularizer.interval=1", "regularizer.coef=0.03"] if run.c2r else []),
             *([] if args.bf16 or args.device == "cpu" else ["hardware.precision=32-true"]),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
@@ -190,7 +207,7 @@ def main() -> None:
     # With --end-to-end the training run sits between two halves of the turns, so that it meets the same load.
     first = (args.turns + 1) // 2 if args.end_to_end else args.turns
     take_turns(workers, args, first, times, replies)
-    e2e = {"topk": end_to_end(args, False), "topk + C²R": end_to_end(args, True)} if args.end_to_end else None
+    e2e = {name: end_to_end(args, run) for name, run in END_TO_END.items()} if args.end_to_end else None
     take_turns(workers, args, args.turns - first, times, replies)
     for worker in workers.values():
         worker.stdin.close()
@@ -208,8 +225,8 @@ def main() -> None:
     if e2e is not None:
         saelens = results.get(("SAELens", "topk"))
         for name, rate in e2e.items():
-            bare = results.get(("c2r + C²R" if "C²R" in name else "c2r", "topk"))
-            print(f"python -m c2r.train ({name}, {END_TO_END_STEPS[name]} steps): {rate:.0f} tokens/s"
+            bare = results.get(("c2r + C²R" if END_TO_END[name].c2r else "c2r", "topk"))
+            print(f"python -m c2r.train ({name}, {END_TO_END[name].steps} steps): {rate:.0f} tokens/s"
                   + (f", {rate / bare['tokens_per_second']:.2f}× the bare step" if bare else "")
                   + (f", {rate / saelens['tokens_per_second']:.2f}× SAELens's step" if saelens else ""))
 
