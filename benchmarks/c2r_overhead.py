@@ -6,6 +6,8 @@ for it. For ``candidates`` (the default) each timed step pays for re-ranking the
 one for the probe too (and for a renewal when the probe asks for one), so steps are averaged, never the median;
 a full refresh of the lists is timed separately and amortised over ``refresh_every`` steps (mean step without a
 refresh + refresh / refresh_every), and the refreshes the probe asked for during the timed steps are counted.
+``fixed`` keeps the first step's pairs and never searches again: what the loss itself costs, the floor under
+every search.
 
     python benchmarks/c2r_overhead.py                       # CPU, F ∈ {4096, 16384, 65536}, d=576, B=2048, k=64
     python benchmarks/c2r_overhead.py --device cuda --d 2304 --sizes 65536   # GPU (bf16 autocast)
@@ -31,7 +33,7 @@ from c2r.regularizers import C2R
 from c2r.sae import TopKSAE
 from c2r.step import adam, train_step
 
-MODES = ("none", "chunked", "exact", "candidates")
+MODES = ("none", "chunked", "exact", "candidates", "fixed")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -42,9 +44,10 @@ def synchronize(device: torch.device) -> None:
 
 def build(mode: str, d: int, dict_size: int, k: int, refresh_every: int, device: torch.device):
     sae = TopKSAE(d, dict_size, k=k, seed=0).to(device)
-    regularizers = {} if mode == "none" else {
-        "c2r": C2R(coef=1.0, interval=1, neighbor_search=mode, refresh_every=refresh_every).to(device)
+    search = {"neighbor_search": mode, "refresh_every": refresh_every} if mode != "fixed" else {
+        "neighbor_search": "candidates", "candidates": 1, "probe_latents": 0, "refresh_every": 10**9
     }
+    regularizers = {} if mode == "none" else {"c2r": C2R(coef=1.0, interval=1, **search).to(device)}
     return sae, regularizers, adam(sae, lr=1e-4)
 
 
