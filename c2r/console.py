@@ -11,10 +11,23 @@ def _not_a_product_tip(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("💡 Tip:")
 
 
+def ignore_library_warnings() -> None:
+    """Warnings about library internals that nothing in c2r calls: torch's deprecation of ``LeafSpec``, which
+    Lightning's pytree helper still constructs, and Lightning's advice to sync epoch-level logs across ranks
+    (validation sums are all-reduced by hand: exact FVU over all ranks). Applied where :mod:`c2r.module` is
+    imported, so also in the processes a ``ddp_spawn`` job starts (which never run :func:`hide_lightning_noise`)."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+
+
 def hide_lightning_noise() -> None:
-    """Filters for two notices Lightning 2.6 prints on every run: its "💡 Tip:" adverts for Lightning's cloud
-    products (c2r configures its own loggers and checkpoints), and torch's deprecation of ``LeafSpec``, which
-    Lightning's pytree helper still constructs (nothing in c2r calls it).
+    """Filters for Lightning 2.6's "💡 Tip:" adverts for its cloud products (c2r configures its own loggers and
+    checkpoints), printed on every run, and :func:`ignore_library_warnings`.
 
     Also one line per message: imported after Hydra set up logging (as the entry points do, for a fast --help),
     Lightning's loggers pass their records on to Hydra's handlers (console and the job's log file), yet its
@@ -24,9 +37,4 @@ def hide_lightning_noise() -> None:
         for handler in list(package.handlers):
             package.removeHandler(handler)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_product_tip)
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-        category=FutureWarning,
-        module=r"lightning\.pytorch\.utilities\._pytree",
-    )
+    ignore_library_warnings()

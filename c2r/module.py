@@ -7,7 +7,6 @@ normalised activations.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,15 +14,14 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from c2r.console import ignore_library_warnings
 from c2r.metrics import ReconstructionStats, batch_metrics
 from c2r.regularizers import Regularizer
 from c2r.sae import SAEOutput, SparseAutoencoder
 from c2r.sae.base import LossTerms
 from c2r.step import adam, loss_terms, total_loss
 
-
-# Validation sums are all-reduced by hand (exact FVU over all ranks), so Lightning's advice to sync is moot.
-warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+ignore_library_warnings()
 
 
 class SAEModule(L.LightningModule):

@@ -179,6 +179,8 @@ def test_a_two_process_ddp_run_streams_one_share_per_rank(docs, tmp_path):
     result = run_cli("c2r.train", *STREAM_JOB, f"data.text.data_files={docs}", *TINY_JOB, "hardware=ddp_cpu",
                      "train_tokens=1920", "evaluation=none", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The spawned ranks print no library deprecations either (they never run the parent's console setup).
+    assert not [line for line in result.stderr.splitlines() if "deprecated" in line], result.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 15  # 64-row halves of 128-row batches
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["StreamingDataModule"]
     # Windows of 256 rows are 4 blocks of 64 per rank: step 15 is in window 3 of each rank's own stream.

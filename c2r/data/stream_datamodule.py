@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from c2r.data.datamodule import ActivationDataModule
@@ -101,8 +102,7 @@ class StreamingDataModule(ActivationDataModule):
         step = int(self.trainer.global_step)
         start = self._stream.window_starts[self._stream.window_of(step)]
         mine = torch.tensor([start.batch, start.offset], dtype=torch.long, device=self.trainer.strategy.root_device)
-        gathered = self.trainer.strategy.all_gather(mine).reshape(-1, 2).tolist()
-        return {"step": step, "positions": gathered}
+        return {"step": step, "positions": [part.tolist() for part in _gathered(mine)]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
@@ -149,3 +149,13 @@ class StreamingDataModule(ActivationDataModule):
                 "or start a new run folder"
             )
         return StreamPosition(*restored["positions"][rank])
+
+
+def _gathered(tensor: Tensor) -> list[Tensor]:
+    """Every rank's ``tensor``, in rank order (``[tensor]`` outside DDP). The plain collective: Lightning's
+    ``all_gather`` goes through torch's deprecated differentiable one, which warns on every checkpoint."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor)
+    return parts
