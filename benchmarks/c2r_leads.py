@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from c2r.geometry import best_candidates, nearest_neighbors_exact, unit_and_norms
+from c2r.module import SAEModule
 from c2r.regularizers import C2R
 from c2r.sae import TopKSAE
 from c2r.step import adam, train_step
@@ -58,13 +59,15 @@ def main() -> None:
     sae.init_decoder_bias(x[:8192])
     c2r = C2R(coef=0.03, interval=1, probe_latents=0, refresh_every=10**9)
     optimizer = adam(sae, 1e-3)
+    # Training's schedule (c2r.module), warm-up only: the lists age under the learning rates a run starts with.
+    schedule = SAEModule(sae, {"c2r": c2r}, lr=1e-3, warmup_steps=100, decay_fraction=0.0, total_steps=args.steps + 1)
+    learning_rate = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor)
     order, coin = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     rows = []
     print(f"{'step':>5} {'wrong':>7} " + " ".join(f"{'leads ' + str(q):>10} {'random ' + str(q):>11}" for q in SHARES))
     for step in range(args.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = 1e-3 * min(1.0, (step + 1) / 100)
         train_step(sae, {"c2r": c2r}, optimizer, x[torch.randint(len(x), (2048,), generator=order)], step)
+        learning_rate.step()
         if step == 0 or step % args.every:
             continue
         unit = unit_and_norms(sae.W_dec.detach())
