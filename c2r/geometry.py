@@ -182,7 +182,7 @@ CANDIDATE_ROWS = 16384
 O(CANDIDATE_ROWS·m) memory."""
 
 
-def _candidate_cosines(unit: Tensor, candidates: Tensor, latents: Tensor | None = None) -> Tensor:
+def listed_cosines(unit: Tensor, candidates: Tensor, latents: Tensor | None = None) -> Tensor:
     """``cos(W_i, W_c)`` for each query latent i (``latents``, default all) and each of its candidates c
     (``candidates [n, m]``, row r listing latent ``latents[r]``'s; each list sorted, with fewer than F entries;
     repeats allowed).
@@ -253,7 +253,7 @@ def top_candidates(
         cosines, indices = _best_others(unit, pool, tile_size, first_pass_dtype, latents)
         if first_pass_dtype is not None:  # re-rank the low-precision pool by full-precision cosines
             indices = indices.sort(dim=1).values
-            best = _candidate_cosines(unit, indices, latents).topk(kept, dim=1)
+            best = listed_cosines(unit, indices, latents).topk(kept, dim=1)
             indices, cosines = indices.gather(1, best.indices), best.values
     floors = cosines[:, count] if kept > count else cosines.new_full((queries,), float("-inf"))
     return CandidateLists(indices[:, :count].sort(dim=1).values, floors)
@@ -279,5 +279,5 @@ def best_candidates(decoder_rows: Rows, candidates: Tensor, latents: Tensor | No
         queries = torch.arange(candidates.shape[0], device=candidates.device) if latents is None else latents
         return BestListed(queries, unit.new_full(queries.shape, float("-inf")))
     with full_precision(unit):
-        best = _candidate_cosines(unit, candidates, latents).max(dim=1, keepdim=True)
+        best = listed_cosines(unit, candidates, latents).max(dim=1, keepdim=True)
     return BestListed(candidates.gather(1, best.indices).squeeze(1), best.values.squeeze(1))

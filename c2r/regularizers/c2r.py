@@ -37,6 +37,7 @@ from c2r.geometry import (
     check_chunk_size,
     check_tile_size,
     full_precision,
+    listed_cosines,
     nearest_neighbors_chunked,
     nearest_neighbors_exact,
     top_candidates,
@@ -117,25 +118,28 @@ class PairCosines(torch.autograd.Function):
     """``cos(W_i, W_{j(i)})`` for every row i (``[F]``), with the gradient written out.
 
     With ``ŵ = W/‖W‖`` and ``c_i = ŵ_i·ŵ_j``: ``∂c_i/∂W_i = (ŵ_j − c_i ŵ_i)/‖W_i‖`` and ``∂c_i/∂W_j = (ŵ_i −
-    c_i ŵ_j)/‖W_j‖``. Written out, the backward passes over the ``[F, d]`` rows about 6 times instead of the ~20
-    of autograd through ``F.normalize`` and the gather (~3x faster at F=65536, d=576 on CPU); tested against
-    autograd on the plain formula. ``directions`` are the rows' :class:`~c2r.geometry.UnitRows` (norms clamped to
-    ≥ 1e-12 like ``F.normalize``), computed once by the caller and shared with the neighbour search.
+    c_i ŵ_j)/‖W_j‖``. The forward is the sampled product of :func:`~c2r.geometry.listed_cosines` (no ``[F, d]``
+    buffer of partner rows, kept until the backward); the backward gathers the partners once and passes over the
+    ``[F, d]`` rows about 6 times instead of the ~20 of autograd through ``F.normalize`` and the gather (forward and
+    backward 0.30 s instead of 0.44 s with a gathered forward, and ~3x faster than autograd, at F=65536, d=576 on
+    CPU); tested against autograd on the plain formula. ``directions`` are the rows'
+    :class:`~c2r.geometry.UnitRows` (norms clamped to ≥ 1e-12 like ``F.normalize``), computed once by the caller and
+    shared with the neighbour search.
     """
 
     @staticmethod
     def forward(ctx, rows: Tensor, neighbors: Tensor, directions: UnitRows) -> Tensor:
         unit, norms = directions
-        partner = unit.index_select(0, neighbors)
-        cosines = torch.linalg.vecdot(unit, partner)
-        ctx.save_for_backward(unit, partner, norms, cosines, neighbors)
+        cosines = listed_cosines(unit, neighbors[:, None])[:, 0]
+        ctx.save_for_backward(unit, norms, cosines, neighbors)
         return cosines
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        unit, partner, norms, cosines, neighbors = ctx.saved_tensors
-        toward_partner = torch.addcmul(partner, unit, cosines[:, None], value=-1).mul_((grad / norms)[:, None])
+        unit, norms, cosines, neighbors = ctx.saved_tensors
+        partner = unit.index_select(0, neighbors)
         toward_self = torch.addcmul(unit, partner, cosines[:, None], value=-1).mul_((grad / norms.index_select(0, neighbors))[:, None])
+        toward_partner = partner.addcmul_(unit, cosines[:, None], value=-1).mul_((grad / norms)[:, None])
         return toward_partner.index_add_(0, neighbors, toward_self), None, None
 
 
